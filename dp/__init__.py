@@ -1,0 +1,1 @@
+"""Differential-privacy add-on for gnnumba (content arrives with its own issue)."""

@@ -1,0 +1,18 @@
+"""gnnumba: Group Normalization (Wu & He, 2018) as Numba kernels for CPU and CUDA.
+
+Array level (NumPy on the CPU, CUDA arrays on the GPU)::
+
+    y = gnnumba.group_norm(x, num_groups, weight, bias)
+    y, mean, rstd = gnnumba.group_norm_forward(x, num_groups, weight, bias)
+    dx, dweight, dbias = gnnumba.group_norm_backward(dy, x, mean, rstd, num_groups, weight, bias)
+
+PyTorch: ``import gnnumba.torch`` (a drop-in ``nn.GroupNorm``). Where the kernels live:
+``gnnumba/cpu.py`` (CPU), ``gnnumba/cuda/`` (CUDA), ``gnnumba/torch/`` (the torch bridge).
+"""
+
+from . import _threading  # noqa: F401  (picks a thread-safe Numba threading layer first)
+from ._checks import GroupNormError
+from .api import group_norm, group_norm_backward, group_norm_forward
+
+__all__ = ["GroupNormError", "group_norm", "group_norm_backward", "group_norm_forward"]
+__version__ = "0.1.0"

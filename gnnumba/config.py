@@ -1,0 +1,23 @@
+"""Tunables for the kernels, in one place.
+
+Tests lower these (``monkeypatch.setattr(config, "CPU_CHUNK", 64)``) so that small inputs
+still exercise the chunked and split code paths. Results never depend on the thread count:
+every blocking below is a fixed constant, and partial results are merged in a fixed order.
+"""
+
+# CPU, NCHW layout: a group is reduced in chunks of this many elements. Each chunk is read
+# twice (mean, then squared deviations) while it sits in L1 (16 KiB of float32), and the
+# chunks are merged with Chan's formula. One DRAM read, numerically stable.
+CPU_CHUNK = 4096
+
+# CPU, channels-last layout: a sample is cut into blocks of whole spatial positions holding
+# about this many elements; each block is one task of the parallel loops (per-channel
+# accumulators are vectorised over C).
+CPU_CL_BLOCK = 32768
+
+# CPU, NCHW layout: a group whose bytes fit in this budget is normalised right after its
+# statistics while it is still in L2 ("fused" path: one DRAM read, one write). Larger groups,
+# or too few groups to keep every thread busy, take the "split" path, which spreads the chunks
+# of every group over all threads. Both paths give bit-identical results.
+CPU_FUSED_MAX_BYTES = 512 * 1024
+CPU_FUSED_MIN_TASKS_PER_THREAD = 4

@@ -1,0 +1,533 @@
+"""GroupNorm forward and backward as Numba CPU kernels.
+
+Two memory layouts, each a fast path:
+
+* NCHW (C-contiguous): a group (n, g) is one contiguous run of D = C/G * S elements.
+  - "fused" path: one task per group; the group's statistics are computed chunk by chunk and
+    the group is normalised right away while it is still in L2 (one DRAM read, one write).
+  - "split" path: when there are too few groups to keep every thread busy, or a group is
+    larger than L2, the chunks of all groups are spread over the threads, merged per group
+    in chunk order, then applied. Same arithmetic in the same order: bit-identical results.
+* channels-last (memory order N, spatial..., C): a sample is cut into blocks of whole spatial
+  positions; per-channel accumulators run vectorised along C, and the per-block partials are
+  merged in block order.
+
+Statistics: each chunk is reduced twice while in L1 (mean, then squared deviations), in
+float64, and chunks are merged with Chan's parallel formula. Never E[x^2] - E[x]^2.
+
+Backward uses the saved mean/rstd in closed form. Per (n, c) it forms
+    db[n, c]  = sum(dy)                  (= per-sample dbeta)
+    dxh[n, c] = sum(dy * (x - mu)) * rstd  (= per-sample dgamma)
+then dx = rstd*gamma*dy + k1*(x - mu) + k0 per group, and dgamma/dbeta are sums over n in
+order. With activation="silu" the pre-activation z is recomputed from x, mean and rstd, and
+dz = dy * silu'(z) is parked in dx between the two passes (no extra buffer).
+
+No atomics anywhere; every blocking is a constant from ``config``, so the result does not
+depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from . import config
+
+# "reassoc" lets LLVM vectorise the float64 reductions (several accumulators); "contract"
+# allows FMA. NaN/Inf semantics are kept (no "nnan"/"ninf"), so NaN input gives NaN output.
+_FM = {"reassoc", "contract", "nsz"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@njit(inline="always", fastmath=_FM)
+def _chunk_stats(a, lo, hi):
+    """Mean and sum of squared deviations of a[lo:hi], two passes over an L1-sized chunk."""
+    s = 0.0
+    for i in range(lo, hi):
+        s += a[i]
+    m = s / (hi - lo)
+    q = 0.0
+    for i in range(lo, hi):
+        d = a[i] - m
+        q += d * d
+    return m, q
+
+
+@njit(inline="always")
+def _merge(n_a, m_a, q_a, n_b, m_b, q_b):
+    """Chan et al.'s merge of (count, mean, M2) partials; exact order-dependent, so callers
+    always merge in a fixed order."""
+    n = n_a + n_b
+    if n_b == 0:
+        return n_a, m_a, q_a
+    d = m_b - m_a
+    f = n_b / n
+    return n, m_a + d * f, q_a + q_b + d * d * n_a * f
+
+
+@njit(inline="always")
+def _rstd(m2, count, eps):
+    if count == 0:
+        return 1.0 / np.sqrt(eps)
+    return 1.0 / np.sqrt(m2 / count + eps)
+
+
+@njit(inline="always")
+def _set_forward_coefs(coef, n, g, Cg, mean, rstd, w, b):
+    """coef[n, 0, c] = scale, coef[n, 1, c] = shift for the channels of group g, stored in
+    x's dtype so the apply loops run in that precision."""
+    for c in range(g * Cg, (g + 1) * Cg):
+        sc = rstd * w[c]
+        coef[n, 0, c] = sc
+        coef[n, 1, c] = b[c] - mean * sc
+
+
+@njit(inline="always", fastmath=_FM)
+def _apply_row(xr, yr, lo, hi, sc, sh, one, silu):
+    if silu:
+        for s in range(lo, hi):
+            v = xr[s] * sc + sh
+            yr[s] = v / (one + np.exp(-v))
+    else:
+        for s in range(lo, hi):
+            yr[s] = xr[s] * sc + sh
+
+
+@njit(inline="always", fastmath=_FM)
+def _silu_grad_row(xr, dyr, dzr, lo, hi, a, c0, one):
+    """dz = dy * silu'(z) with z = x*a + c0 recomputed from the saved statistics."""
+    for s in range(lo, hi):
+        z = xr[s] * a + c0
+        sg = one / (one + np.exp(-z))
+        dzr[s] = dyr[s] * (sg * (one + z * (one - sg)))
+
+
+@njit(inline="always", fastmath=_FM)
+def _row_sums(gr, xr, lo, hi, m):
+    """sum(g) and sum(g * (x - m)) over one chunk of a row, in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for s in range(lo, hi):
+        v = gr[s]
+        s1 += v
+        s2 += v * (xr[s] - m)
+    return s1, s2
+
+
+@njit(inline="always")
+def _set_backward_coefs(coef, n, g, Cg, M, mean, rstd, w, db, dxh):
+    """Per channel of group g: coef[n, :, c] = (rstd*gamma, k1, mean, k0) such that
+    dx = rstd*gamma*dz + k1*(x - mean) + k0."""
+    A = 0.0
+    B = 0.0
+    for c in range(g * Cg, (g + 1) * Cg):
+        A += w[c] * db[n, c]
+        B += w[c] * dxh[n, c]
+    k1 = -rstd * rstd * B / M if M > 0 else 0.0
+    k0 = -rstd * A / M if M > 0 else 0.0
+    for c in range(g * Cg, (g + 1) * Cg):
+        coef[n, 0, c] = rstd * w[c]
+        coef[n, 1, c] = k1
+        coef[n, 2, c] = mean
+        coef[n, 3, c] = k0
+
+
+@njit(inline="always", fastmath=_FM)
+def _dx_row(xr, gr, dxr, lo, hi, a, k1, m, k0):
+    for s in range(lo, hi):
+        dxr[s] = a * gr[s] + k1 * (xr[s] - m) + k0
+
+
+# --------------------------------------------------------------------------- NCHW forward
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _fwd_nchw_fused(x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef):
+    N, C, S = x3.shape
+    G = mean.shape[1]
+    Cg = C // G
+    D = Cg * S
+    for t in prange(N * G):
+        n = t // G
+        g = t - n * G
+        xg = x2[t]
+        cnt = 0
+        mu = 0.0
+        m2 = 0.0
+        for lo in range(0, D, chunk):
+            hi = min(lo + chunk, D)
+            m, q = _chunk_stats(xg, lo, hi)
+            cnt, mu, m2 = _merge(cnt, mu, m2, hi - lo, m, q)
+        r = _rstd(m2, D, eps)
+        mean[n, g] = mu
+        rstd[n, g] = r
+        _set_forward_coefs(coef, n, g, Cg, mu, r, w, b)
+        for c in range(g * Cg, (g + 1) * Cg):
+            _apply_row(x3[n, c], y3[n, c], 0, S, coef[n, 0, c], coef[n, 1, c], one, silu)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _fwd_nchw_split(x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef):
+    N, C, S = x3.shape
+    G = mean.shape[1]
+    Cg = C // G
+    D = Cg * S
+    nk = (D + chunk - 1) // chunk
+    pm = np.empty((N * G, nk))
+    pq = np.empty((N * G, nk))
+    for t in prange(N * G * nk):
+        ng = t // nk
+        k = t - ng * nk
+        lo = k * chunk
+        hi = min(lo + chunk, D)
+        pm[ng, k], pq[ng, k] = _chunk_stats(x2[ng], lo, hi)
+    for ng in prange(N * G):
+        n = ng // G
+        g = ng - n * G
+        cnt = 0
+        mu = 0.0
+        m2 = 0.0
+        for k in range(nk):
+            lo = k * chunk
+            cnt, mu, m2 = _merge(cnt, mu, m2, min(lo + chunk, D) - lo, pm[ng, k], pq[ng, k])
+        r = _rstd(m2, D, eps)
+        mean[n, g] = mu
+        rstd[n, g] = r
+        _set_forward_coefs(coef, n, g, Cg, mu, r, w, b)
+    ns = (S + chunk - 1) // chunk
+    for t in prange(N * C * ns):
+        nc = t // ns
+        lo = (t - nc * ns) * chunk
+        n = nc // C
+        c = nc - n * C
+        _apply_row(x3[n, c], y3[n, c], lo, min(lo + chunk, S), coef[n, 0, c], coef[n, 1, c],
+                   one, silu)
+
+
+# --------------------------------------------------------------------------- NCHW backward
+
+
+@njit(inline="always")
+def _dz_coefs(mean, rstd, w, b, c):
+    """z = x*a + c0 reproduces the pre-activation of channel c."""
+    a = rstd * w[c]
+    return a, b[c] - mean * a
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _bwd_nchw_fused(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, coef):
+    N, C, S = x3.shape
+    G = mean.shape[1]
+    Cg = C // G
+    M = Cg * S
+    for t in prange(N * G):
+        n = t // G
+        g = t - n * G
+        mu = mean[n, g]
+        r = rstd[n, g]
+        for c in range(g * Cg, (g + 1) * Cg):
+            xr = x3[n, c]
+            gr = dy3[n, c]
+            if silu:
+                # park dz in dx; the second pass reads it back
+                coef[n, 0, c], coef[n, 1, c] = _dz_coefs(mu, r, w, b, c)
+                _silu_grad_row(xr, gr, dx3[n, c], 0, S, coef[n, 0, c], coef[n, 1, c], one)
+                gr = dx3[n, c]
+            coef[n, 2, c] = mu
+            s1 = 0.0
+            s2 = 0.0
+            for lo in range(0, S, chunk):
+                a1, a2 = _row_sums(gr, xr, lo, min(lo + chunk, S), coef[n, 2, c])
+                s1 += a1
+                s2 += a2
+            db[n, c] = s1
+            dxh[n, c] = s2 * r
+        _set_backward_coefs(coef, n, g, Cg, M, mu, r, w, db, dxh)
+        for c in range(g * Cg, (g + 1) * Cg):
+            gr = dx3[n, c] if silu else dy3[n, c]
+            _dx_row(x3[n, c], gr, dx3[n, c], 0, S, coef[n, 0, c], coef[n, 1, c],
+                    coef[n, 2, c], coef[n, 3, c])
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _bwd_nchw_split(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, coef):
+    N, C, S = x3.shape
+    G = mean.shape[1]
+    Cg = C // G
+    M = Cg * S
+    ns = (S + chunk - 1) // chunk
+    p1 = np.empty((N * C, ns))
+    p2 = np.empty((N * C, ns))
+    for nc in prange(N * C):
+        n = nc // C
+        c = nc - n * C
+        g = c // Cg
+        if silu:
+            coef[n, 0, c], coef[n, 1, c] = _dz_coefs(mean[n, g], rstd[n, g], w, b, c)
+        coef[n, 2, c] = mean[n, g]
+    for t in prange(N * C * ns):
+        nc = t // ns
+        k = t - nc * ns
+        lo = k * chunk
+        hi = min(lo + chunk, S)
+        n = nc // C
+        c = nc - n * C
+        gr = dy3[n, c]
+        if silu:
+            _silu_grad_row(x3[n, c], gr, dx3[n, c], lo, hi, coef[n, 0, c], coef[n, 1, c], one)
+            gr = dx3[n, c]
+        p1[nc, k], p2[nc, k] = _row_sums(gr, x3[n, c], lo, hi, coef[n, 2, c])
+    for ng in prange(N * G):
+        n = ng // G
+        g = ng - n * G
+        r = rstd[n, g]
+        for c in range(g * Cg, (g + 1) * Cg):
+            s1 = 0.0
+            s2 = 0.0
+            for k in range(ns):
+                s1 += p1[n * C + c, k]
+                s2 += p2[n * C + c, k]
+            db[n, c] = s1
+            dxh[n, c] = s2 * r
+        _set_backward_coefs(coef, n, g, Cg, M, mean[n, g], r, w, db, dxh)
+    for t in prange(N * C * ns):
+        nc = t // ns
+        lo = (t - nc * ns) * chunk
+        n = nc // C
+        c = nc - n * C
+        gr = dx3[n, c] if silu else dy3[n, c]
+        _dx_row(x3[n, c], gr, dx3[n, c], lo, min(lo + chunk, S), coef[n, 0, c],
+                coef[n, 1, c], coef[n, 2, c], coef[n, 3, c])
+
+
+# --------------------------------------------------------------------------- channels-last
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _fwd_cl(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
+    N, S, C = x3.shape
+    G = mean.shape[1]
+    Cg = C // G
+    sb = max(1, block // max(C, 1))  # spatial positions per block
+    nb = (S + sb - 1) // sb
+    pm = np.empty((N, nb, G))
+    pq = np.empty((N, nb, G))
+    for t in prange(N * nb):
+        n = t // nb
+        k = t - n * nb
+        s0 = k * sb
+        s1 = min(s0 + sb, S)
+        acc = np.zeros(C)
+        for s in range(s0, s1):
+            xr = x3[n, s]
+            for c in range(C):
+                acc[c] += xr[c]
+        cnt = (s1 - s0) * Cg
+        mc = np.empty(C)
+        for g in range(G):
+            tot = 0.0
+            for c in range(g * Cg, (g + 1) * Cg):
+                tot += acc[c]
+            m = tot / cnt
+            pm[n, k, g] = m
+            for c in range(g * Cg, (g + 1) * Cg):
+                mc[c] = m
+        acc[:] = 0.0
+        for s in range(s0, s1):
+            xr = x3[n, s]
+            for c in range(C):
+                d = xr[c] - mc[c]
+                acc[c] += d * d
+        for g in range(G):
+            tot = 0.0
+            for c in range(g * Cg, (g + 1) * Cg):
+                tot += acc[c]
+            pq[n, k, g] = tot
+    D = Cg * S
+    for ng in prange(N * G):
+        n = ng // G
+        g = ng - n * G
+        cnt = 0
+        mu = 0.0
+        m2 = 0.0
+        for k in range(nb):
+            s0 = k * sb
+            cnt, mu, m2 = _merge(cnt, mu, m2, (min(s0 + sb, S) - s0) * Cg, pm[n, k, g],
+                                 pq[n, k, g])
+        r = _rstd(m2, D, eps)
+        mean[n, g] = mu
+        rstd[n, g] = r
+        _set_forward_coefs(coef, n, g, Cg, mu, r, w, b)
+    for t in prange(N * nb):
+        n = t // nb
+        s0 = (t - n * nb) * sb
+        sc = coef[n, 0]
+        sh = coef[n, 1]
+        for s in range(s0, min(s0 + sb, S)):
+            _apply_cl_row(x3[n, s], y3[n, s], sc, sh, one, silu)
+
+
+@njit(inline="always", fastmath=_FM)
+def _apply_cl_row(xr, yr, sc, sh, one, silu):
+    if silu:
+        for c in range(xr.shape[0]):
+            v = xr[c] * sc[c] + sh[c]
+            yr[c] = v / (one + np.exp(-v))
+    else:
+        for c in range(xr.shape[0]):
+            yr[c] = xr[c] * sc[c] + sh[c]
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _bwd_cl(dy3, x3, mean, rstd, w, b, silu, one, block, dx3, db, dxh, coef):
+    N, S, C = x3.shape
+    G = mean.shape[1]
+    Cg = C // G
+    M = Cg * S
+    sb = max(1, block // max(C, 1))
+    nb = (S + sb - 1) // sb
+    for nc in prange(N * C):
+        n = nc // C
+        c = nc - n * C
+        g = c // Cg
+        coef[n, 0, c], coef[n, 1, c] = _dz_coefs(mean[n, g], rstd[n, g], w, b, c)
+        coef[n, 2, c] = mean[n, g]
+    p = np.empty((N, nb, 2, C))
+    for t in prange(N * nb):
+        n = t // nb
+        k = t - n * nb
+        s0 = k * sb
+        a1 = p[n, k, 0]
+        a2 = p[n, k, 1]
+        a1[:] = 0.0
+        a2[:] = 0.0
+        za = coef[n, 0]
+        zc = coef[n, 1]
+        m = coef[n, 2]
+        for s in range(s0, min(s0 + sb, S)):
+            xr = x3[n, s]
+            gr = dy3[n, s]
+            if silu:
+                dzr = dx3[n, s]
+                for c in range(C):
+                    z = xr[c] * za[c] + zc[c]
+                    sg = one / (one + np.exp(-z))
+                    dzr[c] = gr[c] * (sg * (one + z * (one - sg)))
+                gr = dzr
+            for c in range(C):
+                v = gr[c]
+                a1[c] += v
+                a2[c] += v * (xr[c] - m[c])
+    for ng in prange(N * G):
+        n = ng // G
+        g = ng - n * G
+        r = rstd[n, g]
+        for c in range(g * Cg, (g + 1) * Cg):
+            s1 = 0.0
+            s2 = 0.0
+            for k in range(nb):
+                s1 += p[n, k, 0, c]
+                s2 += p[n, k, 1, c]
+            db[n, c] = s1
+            dxh[n, c] = s2 * r
+        _set_backward_coefs(coef, n, g, Cg, M, mean[n, g], r, w, db, dxh)
+    for t in prange(N * nb):
+        n = t // nb
+        s0 = (t - n * nb) * sb
+        a = coef[n, 0]
+        k1 = coef[n, 1]
+        m = coef[n, 2]
+        k0 = coef[n, 3]
+        for s in range(s0, min(s0 + sb, S)):
+            xr = x3[n, s]
+            gr = dx3[n, s] if silu else dy3[n, s]
+            dxr = dx3[n, s]
+            for c in range(C):
+                dxr[c] = a[c] * gr[c] + k1[c] * (xr[c] - m[c]) + k0[c]
+
+
+@njit(parallel=True, cache=True)
+def _reduce_params(dxh, db, dw_out, db_out):
+    """dgamma[c] = sum_n dxh[n, c], dbeta[c] = sum_n db[n, c], in order of n."""
+    N, C = db.shape
+    for c in prange(C):
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(N):
+            s1 += dxh[n, c]
+            s2 += db[n, c]
+        dw_out[c] = s1
+        db_out[c] = s2
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def use_fused(num_groups_total: int, group_bytes: int) -> bool:
+    """Fused NCHW path when every thread gets several whole groups that fit in L2."""
+    threads = numba.get_num_threads()
+    return (
+        num_groups_total >= config.CPU_FUSED_MIN_TASKS_PER_THREAD * threads
+        and group_bytes <= config.CPU_FUSED_MAX_BYTES
+    )
+
+
+def forward(x3, num_groups, weight, bias, eps, silu, y3, channels_last, path=None):
+    """Run the forward kernel on 3-D views: (N, C, S) for NCHW or (N, S, C) for channels-last.
+
+    ``weight``/``bias`` are float64 arrays of shape (C,). Returns float64 (mean, rstd) of
+    shape (N, G). ``path`` ("fused"/"split") forces an NCHW path (tests use it).
+    """
+    if channels_last:
+        N, S, C = x3.shape
+    else:
+        N, C, S = x3.shape
+    G = num_groups
+    mean = np.empty((N, G))
+    rstd = np.empty((N, G))
+    coef = np.empty((N, 2, C), dtype=x3.dtype)
+    one = x3.dtype.type(1)
+    if channels_last:
+        _fwd_cl(x3, weight, bias, eps, silu, one, config.CPU_CL_BLOCK, y3, mean, rstd, coef)
+        return mean, rstd
+    D = (C // G) * S
+    x2 = x3.reshape(N * G, D)
+    if path is None:
+        path = "fused" if use_fused(N * G, D * x3.itemsize) else "split"
+    kernel = _fwd_nchw_fused if path == "fused" else _fwd_nchw_split
+    kernel(x2, x3, weight, bias, eps, silu, one, config.CPU_CHUNK, y3, mean, rstd, coef)
+    return mean, rstd
+
+
+def backward(dy3, x3, mean, rstd, weight, bias, silu, dx3, channels_last, path=None):
+    """Backward on 3-D views. ``mean``/``rstd`` are float64 (N, G). Returns float64
+    per-sample (dgamma, dbeta) of shape (N, C); dx is written into ``dx3``."""
+    if channels_last:
+        N, S, C = x3.shape
+    else:
+        N, C, S = x3.shape
+    G = mean.shape[1]
+    db = np.empty((N, C))
+    dxh = np.empty((N, C))
+    coef = np.empty((N, 4, C), dtype=x3.dtype)
+    one = x3.dtype.type(1)
+    if channels_last:
+        _bwd_cl(dy3, x3, mean, rstd, weight, bias, silu, one, config.CPU_CL_BLOCK, dx3, db,
+                dxh, coef)
+        return dxh, db
+    if path is None:
+        path = "fused" if use_fused(N * G, 2 * (C // G) * S * x3.itemsize) else "split"
+    kernel = _bwd_nchw_fused if path == "fused" else _bwd_nchw_split
+    kernel(dy3, x3, mean, rstd, weight, bias, silu, one, config.CPU_CHUNK, dx3, db, dxh, coef)
+    return dxh, db
+
+
+def reduce_params(dxh, db):
+    C = db.shape[1]
+    dw = np.empty(C)
+    dbias = np.empty(C)
+    _reduce_params(dxh, db, dw, dbias)
+    return dw, dbias
