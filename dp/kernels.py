@@ -1,0 +1,204 @@
+"""Per-sample GroupNorm parameter gradients as Numba CPU kernels.
+
+For one sample n and channel c (group g), with x̂ = (x - mean[n,g]) * rstd[n,g] and dz the
+gradient w.r.t. the normalised-and-affine output z = x̂·γ + β:
+
+    grad_weight[n, c] = Σ_spatial dz · x̂ = rstd[n,g] · Σ dz · (x - mean[n,g])
+    grad_bias[n, c]   = Σ_spatial dz
+
+With activation="silu" the gradient that arrives is w.r.t. y = silu(z), so dz = dy · silu'(z),
+where z is recomputed from x, the statistics, γ and β (never stored).
+
+Only x and dy are needed, so the statistics are recomputed here: one task per (n, g) computes
+the group's mean/rstd chunk by chunk (the helpers of ``gnnumba.cpu``: two passes per L1 chunk,
+Chan's merge, float64), then forms the per-channel sums while the group is still in cache —
+x and dy are each read from DRAM once. Channels-last input has its own kernel (per-channel
+accumulators vectorised along C, fixed blocks merged in block order).
+
+No atomics and fixed blockings only: bit-identical results for any thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from gnnumba import config
+from gnnumba.cpu import _FM, _chunk_stats, _merge, _row_sums, _rstd
+
+
+@njit(inline="always", fastmath=_FM)
+def _row_sums_silu(dyr, xr, a, c0, m, one):
+    """sum(dz) and sum(dz * (x - m)) over a row, dz = dy * silu'(z), z = x*a + c0.
+
+    z and silu' are evaluated in x's dtype (as the forward kernel does), sums in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for s in range(xr.shape[0]):
+        z = xr[s] * a + c0
+        sg = one / (one + np.exp(-z))
+        v = dyr[s] * (sg * (one + z * (one - sg)))
+        s1 += v
+        s2 += v * (xr[s] - m)
+    return s1, s2
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _psg_nchw(x2, x3, dy3, eps, w, b, silu, one, chunk, coef, gw, gb):
+    """NCHW: one task per (n, g); statistics, then per-channel sums while the group is hot.
+
+    ``coef`` (N, 2, C) in x's dtype holds the silu pre-activation coefficients (z = x*a + c0),
+    rounded to x's dtype exactly as the forward kernel rounds them."""
+    N, C, S = x3.shape
+    G = x2.shape[0] // max(N, 1)
+    Cg = C // G
+    D = Cg * S
+    for t in prange(N * G):
+        n = t // G
+        g = t - n * G
+        xg = x2[t]
+        cnt = 0
+        mu = 0.0
+        m2 = 0.0
+        for lo in range(0, D, chunk):
+            hi = min(lo + chunk, D)
+            m, q = _chunk_stats(xg[lo:hi])
+            cnt, mu, m2 = _merge(cnt, mu, m2, hi - lo, m, q)
+        r = _rstd(m2, D, eps)
+        for c in range(g * Cg, (g + 1) * Cg):
+            if silu:
+                sc = r * w[c]
+                coef[n, 0, c] = sc
+                coef[n, 1, c] = b[c] - mu * sc
+                s1, s2 = _row_sums_silu(dy3[n, c], x3[n, c], coef[n, 0, c], coef[n, 1, c], mu,
+                                        one)
+            else:
+                s1, s2 = _row_sums(dy3[n, c], x3[n, c], mu)
+            gb[n, c] = s1
+            gw[n, c] = s2 * r
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _psg_cl(x3, dy3, G, eps, w, b, silu, one, block, coef, gw, gb):
+    """channels-last (N, S, C): fixed blocks of whole spatial positions per sample.
+
+    Pass 1 (per block): per-group block mean and M2 from per-channel accumulators.
+    Merge (per (n, g)): Chan's formula in block order -> mean, rstd.
+    Pass 2 (per block): per-channel partial sum(dz) and sum(dz * (x - mean)).
+    Reduce (per (n, c)): partials summed in block order."""
+    N, S, C = x3.shape
+    Cg = C // G
+    sb = max(1, block // max(C, 1))  # spatial positions per block
+    nb = (S + sb - 1) // sb
+    pm = np.empty((N, nb, G))
+    pq = np.empty((N, nb, G))
+    for t in prange(N * nb):
+        n = t // nb
+        k = t - n * nb
+        s0 = k * sb
+        s1 = min(s0 + sb, S)
+        acc = np.zeros(C)
+        for s in range(s0, s1):
+            xr = x3[n, s]
+            for c in range(C):
+                acc[c] += xr[c]
+        cnt = (s1 - s0) * Cg
+        mc = np.empty(C)
+        for g in range(G):
+            tot = 0.0
+            for c in range(g * Cg, (g + 1) * Cg):
+                tot += acc[c]
+            pm[n, k, g] = tot / cnt
+            for c in range(g * Cg, (g + 1) * Cg):
+                mc[c] = tot / cnt
+        acc[:] = 0.0
+        for s in range(s0, s1):
+            xr = x3[n, s]
+            for c in range(C):
+                d = xr[c] - mc[c]
+                acc[c] += d * d
+        for g in range(G):
+            tot = 0.0
+            for c in range(g * Cg, (g + 1) * Cg):
+                tot += acc[c]
+            pq[n, k, g] = tot
+    mean = np.empty((N, C))  # per channel, so pass 2 runs vectorised along C
+    rstd = np.empty((N, G))
+    D = Cg * S
+    for ng in prange(N * G):
+        n = ng // G
+        g = ng - n * G
+        cnt = 0
+        mu = 0.0
+        m2 = 0.0
+        for k in range(nb):
+            s0 = k * sb
+            cnt, mu, m2 = _merge(cnt, mu, m2, (min(s0 + sb, S) - s0) * Cg, pm[n, k, g],
+                                 pq[n, k, g])
+        r = _rstd(m2, D, eps)
+        rstd[n, g] = r
+        for c in range(g * Cg, (g + 1) * Cg):
+            mean[n, c] = mu
+            sc = r * w[c]
+            coef[n, 0, c] = sc
+            coef[n, 1, c] = b[c] - mu * sc
+    p = np.empty((N, nb, 2, C))
+    for t in prange(N * nb):
+        n = t // nb
+        k = t - n * nb
+        s0 = k * sb
+        a1 = p[n, k, 0]
+        a2 = p[n, k, 1]
+        a1[:] = 0.0
+        a2[:] = 0.0
+        za = coef[n, 0]
+        zc = coef[n, 1]
+        m = mean[n]
+        for s in range(s0, min(s0 + sb, S)):
+            xr = x3[n, s]
+            gr = dy3[n, s]
+            if silu:
+                for c in range(C):
+                    z = xr[c] * za[c] + zc[c]
+                    sg = one / (one + np.exp(-z))
+                    v = gr[c] * (sg * (one + z * (one - sg)))
+                    a1[c] += v
+                    a2[c] += v * (xr[c] - m[c])
+            else:
+                for c in range(C):
+                    v = gr[c]
+                    a1[c] += v
+                    a2[c] += v * (xr[c] - m[c])
+    for nc in prange(N * C):
+        n = nc // C
+        c = nc - n * C
+        s1 = 0.0
+        s2 = 0.0
+        for k in range(nb):
+            s1 += p[n, k, 0, c]
+            s2 += p[n, k, 1, c]
+        gb[n, c] = s1
+        gw[n, c] = s2 * rstd[n, c // Cg]
+
+
+def per_sample_grads_3d(x3, dy3, num_groups, eps, weight, bias, silu, channels_last):
+    """Run a kernel on 3-D views ((N, C, S) NCHW or (N, S, C) channels-last) of the same
+    dtype. ``weight``/``bias`` are float64 (C,) arrays. Returns float64 (grad_weight,
+    grad_bias) of shape (N, C)."""
+    if channels_last:
+        N, S, C = x3.shape
+    else:
+        N, C, S = x3.shape
+    gw = np.zeros((N, C))
+    gb = np.zeros((N, C))
+    if N == 0 or C == 0 or S == 0:
+        return gw, gb  # sums over nothing
+    one = x3.dtype.type(1)
+    coef = np.empty((N, 2, C), dtype=x3.dtype)
+    if channels_last:
+        _psg_cl(x3, dy3, num_groups, eps, weight, bias, silu, one, config.CPU_CL_BLOCK, coef,
+                gw, gb)
+    else:
+        x2 = x3.reshape(N * num_groups, (C // num_groups) * S)
+        _psg_nchw(x2, x3, dy3, eps, weight, bias, silu, one, config.CPU_CHUNK, coef, gw, gb)
+    return gw, gb
