@@ -136,8 +136,9 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, activ
     xl, channels_last = _choose_layout(x)
     y = _check_out(out, x, channels_last)
     if _is_empty(x.shape):
+        # an empty group has no variance: mean 0 and rstd NaN, as torch.native_group_norm
         mean = np.zeros((N, G), dtype=sdt)
-        rstd = np.full((N, G), 1.0 / np.sqrt(eps) if eps > 0 else np.inf, dtype=sdt)
+        rstd = np.full((N, G), np.nan, dtype=sdt)
         return y, mean, rstd
     y_target = y if _writable_in_layout(y, channels_last) else _empty_like_layout(x, channels_last)
     mean, rstd = cpu.forward(_views(xl, channels_last), G, w, b, eps, activation == "silu",

@@ -22,6 +22,10 @@ then dx = rstd*gamma*dy + k1*(x - mu) + k0 per group, and dgamma/dbeta are sums 
 order. With activation="silu" the pre-activation z is recomputed from x, mean and rstd, and
 dz = dy * silu'(z) is parked in dx between the two passes (no extra buffer).
 
+Inner loops always run over a slice from index 0 (``a = row[lo:hi]; for i in
+range(a.shape[0])``): with ``range(lo, hi)`` Numba's negative-index wraparound check stops LLVM
+from vectorising, measured 4x slower (1.7 vs 7.3 Gelem/s for a float64 sum of float32).
+
 No atomics anywhere; every blocking is a constant from ``config``, so the result does not
 depend on the number of threads.
 """
@@ -43,14 +47,14 @@ _FM = {"reassoc", "contract", "nsz"}
 
 
 @njit(inline="always", fastmath=_FM)
-def _chunk_stats(a, lo, hi):
-    """Mean and sum of squared deviations of a[lo:hi], two passes over an L1-sized chunk."""
+def _chunk_stats(a):
+    """Mean and sum of squared deviations of a chunk, two passes while it sits in L1."""
     s = 0.0
-    for i in range(lo, hi):
+    for i in range(a.shape[0]):
         s += a[i]
-    m = s / (hi - lo)
+    m = s / a.shape[0]
     q = 0.0
-    for i in range(lo, hi):
+    for i in range(a.shape[0]):
         d = a[i] - m
         q += d * d
     return m, q
@@ -77,40 +81,51 @@ def _rstd(m2, count, eps):
 
 @njit(inline="always")
 def _set_forward_coefs(coef, n, g, Cg, mean, rstd, w, b):
-    """coef[n, 0, c] = scale, coef[n, 1, c] = shift for the channels of group g, stored in
-    x's dtype so the apply loops run in that precision."""
+    """y = (x - mean) * scale + beta per channel of group g: coef[n, :, c] = (scale, beta,
+    mean), stored in x's dtype so the apply loops run in that precision. The folded form
+    x*scale + (beta - mean*scale) loses digits when |mean| * rstd is large (a near-constant
+    group with an offset), so the subtraction stays."""
     for c in range(g * Cg, (g + 1) * Cg):
-        sc = rstd * w[c]
-        coef[n, 0, c] = sc
-        coef[n, 1, c] = b[c] - mean * sc
+        coef[n, 0, c] = rstd * w[c]
+        coef[n, 1, c] = b[c]
+        coef[n, 2, c] = mean
 
 
 @njit(inline="always", fastmath=_FM)
-def _apply_row(xr, yr, lo, hi, sc, sh, one, silu):
+def _apply_row(xr, yr, sc, sh, m, one, silu):
     if silu:
-        for s in range(lo, hi):
-            v = xr[s] * sc + sh
+        for s in range(xr.shape[0]):
+            v = (xr[s] - m) * sc + sh
             yr[s] = v / (one + np.exp(-v))
     else:
-        for s in range(lo, hi):
-            yr[s] = xr[s] * sc + sh
+        for s in range(xr.shape[0]):
+            yr[s] = (xr[s] - m) * sc + sh
 
 
 @njit(inline="always", fastmath=_FM)
-def _silu_grad_row(xr, dyr, dzr, lo, hi, a, c0, one):
-    """dz = dy * silu'(z) with z = x*a + c0 recomputed from the saved statistics."""
-    for s in range(lo, hi):
-        z = xr[s] * a + c0
+def _silu_grad_cl_row(xr, dyr, dzr, a, c0, m, one):
+    """_silu_grad_row along C, with per-channel coefficient vectors."""
+    for c in range(xr.shape[0]):
+        z = (xr[c] - m[c]) * a[c] + c0[c]
+        sg = one / (one + np.exp(-z))
+        dzr[c] = dyr[c] * (sg * (one + z * (one - sg)))
+
+
+@njit(inline="always", fastmath=_FM)
+def _silu_grad_row(xr, dyr, dzr, a, c0, m, one):
+    """dz = dy * silu'(z) with z = (x - m)*a + c0 recomputed from the saved statistics."""
+    for s in range(xr.shape[0]):
+        z = (xr[s] - m) * a + c0
         sg = one / (one + np.exp(-z))
         dzr[s] = dyr[s] * (sg * (one + z * (one - sg)))
 
 
 @njit(inline="always", fastmath=_FM)
-def _row_sums(gr, xr, lo, hi, m):
+def _row_sums(gr, xr, m):
     """sum(g) and sum(g * (x - m)) over one chunk of a row, in float64."""
     s1 = 0.0
     s2 = 0.0
-    for s in range(lo, hi):
+    for s in range(xr.shape[0]):
         v = gr[s]
         s1 += v
         s2 += v * (xr[s] - m)
@@ -136,8 +151,8 @@ def _set_backward_coefs(coef, n, g, Cg, M, mean, rstd, w, db, dxh):
 
 
 @njit(inline="always", fastmath=_FM)
-def _dx_row(xr, gr, dxr, lo, hi, a, k1, m, k0):
-    for s in range(lo, hi):
+def _dx_row(xr, gr, dxr, a, k1, m, k0):
+    for s in range(xr.shape[0]):
         dxr[s] = a * gr[s] + k1 * (xr[s] - m) + k0
 
 
@@ -159,14 +174,15 @@ def _fwd_nchw_fused(x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef):
         m2 = 0.0
         for lo in range(0, D, chunk):
             hi = min(lo + chunk, D)
-            m, q = _chunk_stats(xg, lo, hi)
+            m, q = _chunk_stats(xg[lo:hi])
             cnt, mu, m2 = _merge(cnt, mu, m2, hi - lo, m, q)
         r = _rstd(m2, D, eps)
         mean[n, g] = mu
         rstd[n, g] = r
         _set_forward_coefs(coef, n, g, Cg, mu, r, w, b)
         for c in range(g * Cg, (g + 1) * Cg):
-            _apply_row(x3[n, c], y3[n, c], 0, S, coef[n, 0, c], coef[n, 1, c], one, silu)
+            _apply_row(x3[n, c], y3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c],
+                   one, silu)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -183,7 +199,7 @@ def _fwd_nchw_split(x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef):
         k = t - ng * nk
         lo = k * chunk
         hi = min(lo + chunk, D)
-        pm[ng, k], pq[ng, k] = _chunk_stats(x2[ng], lo, hi)
+        pm[ng, k], pq[ng, k] = _chunk_stats(x2[ng, lo:hi])
     for ng in prange(N * G):
         n = ng // G
         g = ng - n * G
@@ -203,18 +219,18 @@ def _fwd_nchw_split(x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef):
         lo = (t - nc * ns) * chunk
         n = nc // C
         c = nc - n * C
-        _apply_row(x3[n, c], y3[n, c], lo, min(lo + chunk, S), coef[n, 0, c], coef[n, 1, c],
-                   one, silu)
+        hi = min(lo + chunk, S)
+        _apply_row(x3[n, c, lo:hi], y3[n, c, lo:hi], coef[n, 0, c], coef[n, 1, c],
+                   coef[n, 2, c], one, silu)
 
 
 # --------------------------------------------------------------------------- NCHW backward
 
 
 @njit(inline="always")
-def _dz_coefs(mean, rstd, w, b, c):
-    """z = x*a + c0 reproduces the pre-activation of channel c."""
-    a = rstd * w[c]
-    return a, b[c] - mean * a
+def _dz_coefs(rstd, w, b, c):
+    """z = (x - mean)*a + c0 reproduces the pre-activation of channel c."""
+    return rstd * w[c], b[c]
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -231,16 +247,18 @@ def _bwd_nchw_fused(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, c
         for c in range(g * Cg, (g + 1) * Cg):
             xr = x3[n, c]
             gr = dy3[n, c]
+            coef[n, 2, c] = mu
             if silu:
                 # park dz in dx; the second pass reads it back
-                coef[n, 0, c], coef[n, 1, c] = _dz_coefs(mu, r, w, b, c)
-                _silu_grad_row(xr, gr, dx3[n, c], 0, S, coef[n, 0, c], coef[n, 1, c], one)
+                coef[n, 0, c], coef[n, 1, c] = _dz_coefs(r, w, b, c)
+                _silu_grad_row(xr, gr, dx3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c],
+                               one)
                 gr = dx3[n, c]
-            coef[n, 2, c] = mu
             s1 = 0.0
             s2 = 0.0
             for lo in range(0, S, chunk):
-                a1, a2 = _row_sums(gr, xr, lo, min(lo + chunk, S), coef[n, 2, c])
+                hi = min(lo + chunk, S)
+                a1, a2 = _row_sums(gr[lo:hi], xr[lo:hi], coef[n, 2, c])
                 s1 += a1
                 s2 += a2
             db[n, c] = s1
@@ -248,8 +266,8 @@ def _bwd_nchw_fused(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, c
         _set_backward_coefs(coef, n, g, Cg, M, mu, r, w, db, dxh)
         for c in range(g * Cg, (g + 1) * Cg):
             gr = dx3[n, c] if silu else dy3[n, c]
-            _dx_row(x3[n, c], gr, dx3[n, c], 0, S, coef[n, 0, c], coef[n, 1, c],
-                    coef[n, 2, c], coef[n, 3, c])
+            _dx_row(x3[n, c], gr, dx3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c],
+                    coef[n, 3, c])
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -266,7 +284,7 @@ def _bwd_nchw_split(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, c
         c = nc - n * C
         g = c // Cg
         if silu:
-            coef[n, 0, c], coef[n, 1, c] = _dz_coefs(mean[n, g], rstd[n, g], w, b, c)
+            coef[n, 0, c], coef[n, 1, c] = _dz_coefs(rstd[n, g], w, b, c)
         coef[n, 2, c] = mean[n, g]
     for t in prange(N * C * ns):
         nc = t // ns
@@ -277,9 +295,10 @@ def _bwd_nchw_split(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, c
         c = nc - n * C
         gr = dy3[n, c]
         if silu:
-            _silu_grad_row(x3[n, c], gr, dx3[n, c], lo, hi, coef[n, 0, c], coef[n, 1, c], one)
+            _silu_grad_row(x3[n, c, lo:hi], gr[lo:hi], dx3[n, c, lo:hi], coef[n, 0, c],
+                           coef[n, 1, c], coef[n, 2, c], one)
             gr = dx3[n, c]
-        p1[nc, k], p2[nc, k] = _row_sums(gr, x3[n, c], lo, hi, coef[n, 2, c])
+        p1[nc, k], p2[nc, k] = _row_sums(gr[lo:hi], x3[n, c, lo:hi], coef[n, 2, c])
     for ng in prange(N * G):
         n = ng // G
         g = ng - n * G
@@ -298,9 +317,10 @@ def _bwd_nchw_split(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, c
         lo = (t - nc * ns) * chunk
         n = nc // C
         c = nc - n * C
-        gr = dx3[n, c] if silu else dy3[n, c]
-        _dx_row(x3[n, c], gr, dx3[n, c], lo, min(lo + chunk, S), coef[n, 0, c],
-                coef[n, 1, c], coef[n, 2, c], coef[n, 3, c])
+        hi = min(lo + chunk, S)
+        gr = dx3[n, c, lo:hi] if silu else dy3[n, c, lo:hi]
+        _dx_row(x3[n, c, lo:hi], gr, dx3[n, c, lo:hi], coef[n, 0, c], coef[n, 1, c],
+                coef[n, 2, c], coef[n, 3, c])
 
 
 # --------------------------------------------------------------------------- channels-last
@@ -366,19 +386,20 @@ def _fwd_cl(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
         s0 = (t - n * nb) * sb
         sc = coef[n, 0]
         sh = coef[n, 1]
+        m = coef[n, 2]
         for s in range(s0, min(s0 + sb, S)):
-            _apply_cl_row(x3[n, s], y3[n, s], sc, sh, one, silu)
+            _apply_cl_row(x3[n, s], y3[n, s], sc, sh, m, one, silu)
 
 
 @njit(inline="always", fastmath=_FM)
-def _apply_cl_row(xr, yr, sc, sh, one, silu):
+def _apply_cl_row(xr, yr, sc, sh, m, one, silu):
     if silu:
         for c in range(xr.shape[0]):
-            v = xr[c] * sc[c] + sh[c]
+            v = (xr[c] - m[c]) * sc[c] + sh[c]
             yr[c] = v / (one + np.exp(-v))
     else:
         for c in range(xr.shape[0]):
-            yr[c] = xr[c] * sc[c] + sh[c]
+            yr[c] = (xr[c] - m[c]) * sc[c] + sh[c]
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -393,7 +414,7 @@ def _bwd_cl(dy3, x3, mean, rstd, w, b, silu, one, block, dx3, db, dxh, coef):
         n = nc // C
         c = nc - n * C
         g = c // Cg
-        coef[n, 0, c], coef[n, 1, c] = _dz_coefs(mean[n, g], rstd[n, g], w, b, c)
+        coef[n, 0, c], coef[n, 1, c] = _dz_coefs(rstd[n, g], w, b, c)
         coef[n, 2, c] = mean[n, g]
     p = np.empty((N, nb, 2, C))
     for t in prange(N * nb):
@@ -412,10 +433,7 @@ def _bwd_cl(dy3, x3, mean, rstd, w, b, silu, one, block, dx3, db, dxh, coef):
             gr = dy3[n, s]
             if silu:
                 dzr = dx3[n, s]
-                for c in range(C):
-                    z = xr[c] * za[c] + zc[c]
-                    sg = one / (one + np.exp(-z))
-                    dzr[c] = gr[c] * (sg * (one + z * (one - sg)))
+                _silu_grad_cl_row(xr, gr, dzr, za, zc, m, one)
                 gr = dzr
             for c in range(C):
                 v = gr[c]
@@ -488,7 +506,7 @@ def forward(x3, num_groups, weight, bias, eps, silu, y3, channels_last, path=Non
     G = num_groups
     mean = np.empty((N, G))
     rstd = np.empty((N, G))
-    coef = np.empty((N, 2, C), dtype=x3.dtype)
+    coef = np.empty((N, 3, C), dtype=x3.dtype)
     one = x3.dtype.type(1)
     if channels_last:
         _fwd_cl(x3, weight, bias, eps, silu, one, config.CPU_CL_BLOCK, y3, mean, rstd, coef)

@@ -28,6 +28,8 @@ def forward(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
     w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
     b = np.zeros(C) if bias is None else np.asarray(bias, dtype=np.float64)
     xg = _grouped(x, num_groups)
+    if xg.shape[-1] == 0:  # empty groups: mean 0, rstd NaN (as torch), empty output
+        return x.copy(), np.zeros(xg.shape[:2]), np.full(xg.shape[:2], np.nan)
     mean = xg.mean(axis=-1)
     var = ((xg - mean[..., None]) ** 2).mean(axis=-1)  # biased, two-pass
     rstd = 1.0 / np.sqrt(var + eps)
@@ -44,6 +46,9 @@ def backward(dy, x, num_groups, weight=None, bias=None, eps=1e-5, activation=Non
     N, C = x.shape[:2]
     w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
     b = np.zeros(C) if bias is None else np.asarray(bias, dtype=np.float64)
+    if x.size == 0:  # empty sums are 0
+        zeros = np.zeros((N, C))
+        return np.zeros(x.shape), zeros.sum(axis=0), zeros.sum(axis=0), zeros, zeros
     _, mean, rstd = forward(x, num_groups, w, b, eps)
     xg = _grouped(x, num_groups)
     xhat = ((xg - mean[..., None]) * rstd[..., None]).reshape(x.shape)

@@ -1,0 +1,404 @@
+"""The NumPy API on the CPU kernels, against the float64 reference and torch.nn.GroupNorm."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from cases import SHAPE_PARAMS, TOL, assert_close, make_layout, random_inputs
+
+import gnnumba
+from gnnumba import reference
+
+DTYPES = [np.float32, np.float64]
+ACTIVATIONS = [None, "silu"]
+
+
+def _layouts(shape):
+    return ["nchw", "channels_last", "strided"] if len(shape) >= 3 else ["nchw", "strided"]
+
+
+def _cases():
+    for p in SHAPE_PARAMS:
+        shape, _ = p.values
+        for layout in _layouts(shape):
+            yield pytest.param(*p.values, layout, id=f"{p.id}-{layout}")
+
+
+CASES = list(_cases())
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,G,layout", CASES)
+def test_forward_matches_reference(shape, G, layout, dtype, activation, small_blocks):
+    x, w, b, _ = random_inputs(shape, dtype)
+    xl = make_layout(x, layout)
+    y, mean, rstd = gnnumba.group_norm_forward(xl, G, w, b, activation=activation)
+    y_ref, mean_ref, rstd_ref = reference.forward(x, G, w, b, activation=activation)
+    tol = TOL[dtype]["y"]
+    assert y.dtype == dtype and y.shape == shape
+    expected_stats_dtype = np.float64 if dtype == np.float64 else np.float32
+    assert mean.dtype == expected_stats_dtype and rstd.dtype == expected_stats_dtype
+    assert mean.shape == (shape[0], G) and rstd.shape == (shape[0], G)
+    assert_close(y, y_ref, tol, "y")
+    if np.prod(shape[2:], dtype=int) > 0:
+        assert_close(mean, mean_ref, tol, "mean")
+        np.testing.assert_allclose(rstd, rstd_ref, rtol=10 * tol)
+    # y keeps x's layout (empty arrays have no layout to keep)
+    assert gnnumba.api.is_channels_last(y) == gnnumba.api.is_channels_last(xl)
+    if layout == "channels_last" and y.size > 0 and np.prod(shape[2:]) > 1:
+        assert gnnumba.api.is_channels_last(y)
+
+
+@pytest.mark.parametrize("shape,G,layout", CASES)
+def test_backward_matches_reference(shape, G, layout, small_blocks):
+    for dtype in DTYPES:
+        for activation in ACTIVATIONS:
+            x, w, b, dy = random_inputs(shape, dtype, seed=1)
+            xl, dyl = make_layout(x, layout), make_layout(dy, layout)
+            _, mean, rstd = gnnumba.group_norm_forward(xl, G, w, b)
+            dx, dw, db = gnnumba.group_norm_backward(dyl, xl, mean, rstd, G, w, b,
+                                                     activation=activation)
+            dx_ref, dw_ref, db_ref, _, _ = reference.backward(dy, x, G, w, b,
+                                                              activation=activation)
+            tol = TOL[dtype]["grad"]
+            what = f"{np.dtype(dtype).name} {activation}"
+            assert dx.dtype == dtype and dw.dtype == dtype and db.dtype == dtype
+            assert_close(dx, dx_ref, tol, "dx " + what)
+            assert_close(dw, dw_ref, tol, "dweight " + what)
+            assert_close(db, db_ref, tol, "dbias " + what)
+
+
+@pytest.mark.parametrize("shape,G,layout", CASES)
+def test_both_nchw_paths_bit_identical(shape, G, layout, nchw_path, small_blocks):
+    """Fused and split paths do the same arithmetic in the same order."""
+    x, w, b, dy = random_inputs(shape, np.float32, seed=2)
+    xl, dyl = make_layout(x, layout), make_layout(dy, layout)
+    y, mean, rstd = gnnumba.group_norm_forward(xl, G, w, b, activation="silu")
+    dx, dw, db = gnnumba.group_norm_backward(dyl, xl, mean, rstd, G, w, b, activation="silu")
+    # recompute on the other path
+    from gnnumba import config
+
+    if nchw_path == "fused":
+        config.CPU_FUSED_MAX_BYTES = -1
+    else:
+        config.CPU_FUSED_MIN_TASKS_PER_THREAD = 0
+        config.CPU_FUSED_MAX_BYTES = 1 << 62
+    y2, mean2, rstd2 = gnnumba.group_norm_forward(xl, G, w, b, activation="silu")
+    dx2, dw2, db2 = gnnumba.group_norm_backward(dyl, xl, mean, rstd, G, w, b, activation="silu")
+    for a, a2 in [(y, y2), (mean, mean2), (rstd, rstd2), (dx, dx2), (dw, dw2), (db, db2)]:
+        np.testing.assert_array_equal(a, a2)
+
+
+def test_no_affine_gives_none_grads():
+    x, _, _, dy = random_inputs((2, 4, 3), np.float32)
+    y, mean, rstd = gnnumba.group_norm_forward(x, 2)
+    dx, dw, db = gnnumba.group_norm_backward(dy, x, mean, rstd, 2)
+    assert dw is None and db is None
+    y_ref, _, _ = reference.forward(x, 2)
+    dx_ref, *_ = reference.backward(dy, x, 2)
+    assert_close(y, y_ref, 2e-5)
+    assert_close(dx, dx_ref, 2e-4)
+
+
+def test_large_mean_offset_float32():
+    """x = 100 + 0.01 * randn breaks E[x^2] - E[x]^2 in float32; ours must stay accurate."""
+    rng = np.random.default_rng(0)
+    x = (100.0 + 0.01 * rng.standard_normal((2, 8, 32, 32))).astype(np.float32)
+    for layout in ("nchw", "channels_last"):
+        y, mean, rstd = gnnumba.group_norm_forward(make_layout(x, layout), 4)
+        y_ref, mean_ref, rstd_ref = reference.forward(x, 4)
+        np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-4)
+        assert_close(y, y_ref, 1e-3, "y")  # y is O(1); float32 x only holds ~5 digits of noise
+
+
+def test_large_mean_offset_float64():
+    rng = np.random.default_rng(0)
+    x = 1e8 + rng.standard_normal((2, 4, 16, 16))
+    _, _, rstd = gnnumba.group_norm_forward(x, 2)
+    _, _, rstd_ref = reference.forward(x, 2)
+    np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-7)
+
+
+def test_backward_against_finite_differences():
+    rng = np.random.default_rng(3)
+    shape, G = (2, 4, 3, 2), 2
+    x = rng.standard_normal(shape)
+    w, b = rng.standard_normal(4), rng.standard_normal(4)
+    dy = rng.standard_normal(shape)
+    for activation in ACTIVATIONS:
+        def loss(x_, w_, b_):
+            return float((gnnumba.group_norm(x_, G, w_, b_, activation=activation) * dy).sum())
+
+        _, mean, rstd = gnnumba.group_norm_forward(x, G, w, b)
+        dx, dw, db = gnnumba.group_norm_backward(dy, x, mean, rstd, G, w, b,
+                                                 activation=activation)
+        h = 1e-6
+        for arr, grad in ((x, dx), (w, dw), (b, db)):
+            num = np.zeros_like(arr)
+            for i in np.ndindex(arr.shape):
+                old = arr[i]
+                arr[i] = old + h
+                up = loss(x, w, b)
+                arr[i] = old - h
+                down = loss(x, w, b)
+                arr[i] = old
+                num[i] = (up - down) / (2 * h)
+            np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- torch oracle
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape,G,layout", CASES)
+def test_matches_torch_group_norm(shape, G, layout, activation):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x, w, b, dy = random_inputs(shape, np.float64, seed=4)
+    xt = torch.from_numpy(x).requires_grad_()
+    wt = torch.from_numpy(w).requires_grad_()
+    bt = torch.from_numpy(b).requires_grad_()
+    yt = F.group_norm(xt, G, wt, bt, eps=1e-5)
+    if activation == "silu":
+        yt = F.silu(yt)
+    yt.backward(torch.from_numpy(dy))
+    xl = make_layout(x, layout)
+    y, mean, rstd = gnnumba.group_norm_forward(xl, G, w, b, activation=activation)
+    dx, dw, db = gnnumba.group_norm_backward(make_layout(dy, layout), xl, mean, rstd, G, w, b,
+                                             activation=activation)
+    assert_close(y, yt.detach().numpy(), 1e-10, "y")
+    assert_close(dx, xt.grad.numpy(), 1e-9, "dx")
+    if x.size == 0:
+        # torch gives NaN dweight for empty spatial dims (0 * its NaN rstd); the sum over
+        # an empty set is 0, which is what we return
+        np.testing.assert_array_equal(dw, 0.0)
+        return
+    assert_close(dw, wt.grad.numpy(), 1e-9, "dweight")
+    assert_close(db, bt.grad.numpy(), 1e-9, "dbias")
+
+
+# --------------------------------------------------------------------------- properties
+
+
+def test_repeat_calls_bit_identical():
+    x, w, b, dy = random_inputs((4, 32, 20, 20), np.float32)
+    first = gnnumba.group_norm_forward(x, 8, w, b)
+    first_b = gnnumba.group_norm_backward(dy, x, first[1], first[2], 8, w, b)
+    for _ in range(3):
+        again = gnnumba.group_norm_forward(x, 8, w, b)
+        again_b = gnnumba.group_norm_backward(dy, x, first[1], first[2], 8, w, b)
+        for a, a2 in zip(first + first_b, again + again_b):
+            np.testing.assert_array_equal(a, a2)
+
+
+def test_result_independent_of_thread_count():
+    import numba
+
+    x, w, b, dy = random_inputs((3, 16, 30, 30), np.float32)
+    x_cl = make_layout(x, "channels_last")
+    results = []
+    old = numba.get_num_threads()
+    try:
+        for threads in sorted({1, old}):
+            numba.set_num_threads(threads)
+            out = []
+            for xl in (x, x_cl):
+                y, m, r = gnnumba.group_norm_forward(xl, 4, w, b)
+                out += [y, m, r, *gnnumba.group_norm_backward(dy, xl, m, r, 4, w, b)]
+            results.append(out)
+    finally:
+        numba.set_num_threads(old)
+    for a, a2 in zip(results[0], results[-1]):
+        np.testing.assert_array_equal(a, a2)
+
+
+def test_samples_are_independent():
+    """GroupNorm never mixes samples: changing sample 1 leaves sample 0 bit-identical."""
+    x, w, b, dy = random_inputs((3, 8, 6, 6), np.float32)
+    y, mean, rstd = gnnumba.group_norm_forward(x, 4, w, b)
+    dx, _, _ = gnnumba.group_norm_backward(dy, x, mean, rstd, 4, w, b)
+    x2 = x.copy()
+    x2[1] = 1000.0 * np.random.default_rng(9).standard_normal(x2[1].shape)
+    y2, mean2, rstd2 = gnnumba.group_norm_forward(x2, 4, w, b)
+    dx2, _, _ = gnnumba.group_norm_backward(dy, x2, mean2, rstd2, 4, w, b)
+    np.testing.assert_array_equal(y[0], y2[0])
+    np.testing.assert_array_equal(dx[0], dx2[0])
+    assert not np.array_equal(y[1], y2[1])
+
+
+def test_inputs_not_modified():
+    x, w, b, dy = random_inputs((2, 6, 4, 4), np.float32)
+    copies = [a.copy() for a in (x, w, b, dy)]
+    _, mean, rstd = gnnumba.group_norm_forward(x, 3, w, b, activation="silu")
+    mc, rc = mean.copy(), rstd.copy()
+    gnnumba.group_norm_backward(dy, x, mean, rstd, 3, w, b, activation="silu")
+    for a, c in zip((x, w, b, dy, mean, rstd), copies + [mc, rc]):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_out_argument_and_in_place():
+    x, w, b, _ = random_inputs((2, 6, 4, 4), np.float32)
+    expected = gnnumba.group_norm(x, 3, w, b)
+    out = np.empty_like(x)
+    assert gnnumba.group_norm(x, 3, w, b, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    # an out array in another layout is filled correctly too
+    out_cl = make_layout(np.zeros_like(x), "channels_last")
+    gnnumba.group_norm(x, 3, w, b, out=out_cl)
+    np.testing.assert_array_equal(out_cl, expected)
+    # in place
+    xc = x.copy()
+    gnnumba.group_norm(xc, 3, w, b, out=xc)
+    np.testing.assert_array_equal(xc, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hypothesis_random_shapes(dtype):
+    hyp = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+
+    @hyp.settings(max_examples=40, deadline=None, derandomize=True)
+    @hyp.given(
+        n=st.integers(0, 3),
+        g=st.integers(1, 4),
+        cpg=st.integers(1, 4),
+        spatial=st.lists(st.integers(1, 6), min_size=0, max_size=3),
+        layout=st.sampled_from(["nchw", "channels_last", "strided"]),
+        activation=st.sampled_from(ACTIVATIONS),
+        offset=st.sampled_from([0.0, 10.0]),
+    )
+    def check(n, g, cpg, spatial, layout, activation, offset):
+        shape = (n, g * cpg, *spatial)
+        if layout == "channels_last" and len(shape) < 3:
+            layout = "nchw"
+        x, w, b, dy = random_inputs(shape, dtype, seed=n + g + cpg, offset=offset)
+        xl, dyl = make_layout(x, layout), make_layout(dy, layout)
+        y, mean, rstd = gnnumba.group_norm_forward(xl, g, w, b, activation=activation)
+        dx, dw, db = gnnumba.group_norm_backward(dyl, xl, mean, rstd, g, w, b,
+                                                 activation=activation)
+        y_ref, _, _ = reference.forward(x, g, w, b, activation=activation)
+        dx_ref, dw_ref, db_ref, _, _ = reference.backward(dy, x, g, w, b, activation=activation)
+        # float32 with offset 10 holds ~6 digits of each value; scale tolerances with it
+        tol = TOL[dtype]
+        assert_close(y, y_ref, tol["y"] * (1 + offset), "y")
+        assert_close(dx, dx_ref, tol["grad"] * (1 + offset), "dx")
+        assert_close(dw, dw_ref, tol["grad"] * (1 + offset), "dw")
+        assert_close(db, db_ref, tol["grad"], "db")
+
+    check()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_calls():
+    x, w, b, dy = random_inputs((2, 12, 3, 3), np.float32)
+    _, mean, rstd = gnnumba.group_norm_forward(x, 4, w, b)
+    f, bwd = gnnumba.group_norm_forward, gnnumba.group_norm_backward
+    return [
+        ("C % G", ValueError, "valid group counts for C=12: 1, 2, 3, 4, 6, 12",
+         lambda: f(x, 5)),
+        ("G < 1", ValueError, "num_groups must be >= 1", lambda: f(x, 0)),
+        ("G float", TypeError, "num_groups must be an int", lambda: f(x, 4.0)),
+        ("ndim < 2", ValueError, "at least 2 dims", lambda: f(x[0, 0, 0], 1)),
+        ("weight shape", ValueError, "weight must have shape (C,) = (12,)",
+         lambda: f(x, 4, w[:5], b)),
+        ("bias shape", ValueError, "bias must have shape", lambda: f(x, 4, w, b[None])),
+        ("eps < 0", ValueError, "eps must be finite and >= 0", lambda: f(x, 4, eps=-1.0)),
+        ("eps nan", ValueError, "eps must be finite", lambda: f(x, 4, eps=float("nan"))),
+        ("activation", ValueError, "unknown activation 'relu'",
+         lambda: f(x, 4, activation="relu")),
+        ("list input", TypeError, "must be a numpy.ndarray", lambda: f(x.tolist(), 4)),
+        ("int dtype", TypeError, "dtype int64", lambda: f(x.astype(np.int64), 4)),
+        ("complex", TypeError, "dtype complex64", lambda: f(x.astype(np.complex64), 4)),
+        ("float16", TypeError, "dtype float16", lambda: f(x.astype(np.float16), 4)),
+        ("mixed dtypes", TypeError, "mixed dtypes", lambda: f(x, 4, w.astype(np.float64))),
+        ("weight list", TypeError, "weight must be a numpy.ndarray",
+         lambda: f(x, 4, list(w))),
+        ("out dtype", TypeError, "out has dtype float64",
+         lambda: f(x, 4, out=np.empty(x.shape))),
+        ("out shape", ValueError, "out must have the same shape",
+         lambda: f(x, 4, out=np.empty((2, 12, 3), np.float32))),
+        ("out overlap", ValueError, "partially overlaps",
+         lambda: f(x[:, :6], 2, out=x[:, 6:])),
+        ("dy shape", ValueError, "dy must have the same shape",
+         lambda: bwd(dy[:1], x, mean, rstd, 4)),
+        ("dy dtype", TypeError, "dy has dtype float64",
+         lambda: bwd(dy.astype(np.float64), x, mean, rstd, 4)),
+        ("mean shape", ValueError, "mean must have shape (N, num_groups) = (2, 4)",
+         lambda: bwd(dy, x, mean[:, :2], rstd, 4)),
+        ("rstd shape", ValueError, "rstd must have shape", lambda: bwd(dy, x, mean, rstd.T, 4)),
+        ("bwd C % G", ValueError, "valid group counts", lambda: bwd(dy, x, mean, rstd, 5)),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
+def test_bad_input_raises_clearly(case):
+    _, exc, message, call = case
+    with pytest.raises(exc) as info:
+        call()
+    assert message in str(info.value)
+
+
+def test_error_is_value_error_subclass():
+    with pytest.raises(gnnumba.GroupNormError):
+        gnnumba.group_norm(np.zeros((2, 6), np.float32), 4)
+
+
+# --------------------------------------------------------------------------- processes, threads
+
+
+def test_concurrent_calls_from_python_threads():
+    """Several Python threads in parallel kernels at once must neither abort nor corrupt
+    results (Numba's workqueue layer aborts the process here; gnnumba picks a safe layer).
+    Run in a subprocess so an abort is reported instead of killing the test session."""
+    code = textwrap.dedent("""
+        import numpy as np, numba, gnnumba
+        from concurrent.futures import ThreadPoolExecutor
+        rng = np.random.default_rng(0)
+        xs = [rng.standard_normal((4, 32, 24, 24)).astype(np.float32) for _ in range(8)]
+        expected = [gnnumba.group_norm(x, 8) for x in xs]
+        def work(i):
+            x = xs[i % 8]
+            for _ in range(5):
+                y, m, r = gnnumba.group_norm_forward(x, 8)
+                gnnumba.group_norm_backward(x, x, m, r, 8)
+            return i % 8, y
+        with ThreadPoolExecutor(8) as pool:
+            for i, y in pool.map(work, range(32)):
+                assert np.array_equal(y, expected[i])
+        print("OK", numba.threading_layer())
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("OK")
+    assert "workqueue" not in proc.stdout
+
+
+def test_second_process_does_not_recompile():
+    """cache=True: a fresh process loads the kernels from Numba's on-disk cache."""
+    code = textwrap.dedent("""
+        import numpy as np, gnnumba
+        from gnnumba import cpu
+        x = np.ones((2, 4, 4, 4), np.float32)
+        _, m, r = gnnumba.group_norm_forward(x, 2)
+        gnnumba.group_norm_backward(x, x, m, r, 2)
+        kernels = [cpu._fwd_nchw_fused, cpu._fwd_nchw_split, cpu._bwd_nchw_fused,
+                   cpu._bwd_nchw_split]
+        used = [k for k in kernels if k.signatures]
+        print(sum(sum(k.stats.cache_misses.values()) for k in used),
+              sum(sum(k.stats.cache_hits.values()) for k in used))
+    """)
+    for _ in range(2):  # the first run may populate the cache
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    misses, hits = map(int, proc.stdout.split())
+    assert misses == 0 and hits >= 2
