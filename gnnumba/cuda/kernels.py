@@ -316,7 +316,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
 
     @cuda.jit
     def fwd_apply_nchw(x, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, y):
-        """grid (N*C, ceil(S/colchunk)), block (T,). One (n, c) row slice per block."""
+        """grid (N*C, ceil(S/colchunk)), block (<= T,). One (n, c) row slice per block."""
         row = cuda.blockIdx.x
         n = row // C
         c = row - n * C
@@ -325,7 +325,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         s0 = cuda.blockIdx.y * colchunk
         s1 = min(s0 + colchunk, S)
         base = row * S
-        for s in range(s0 + cuda.threadIdx.x, s1, T):
+        for s in range(s0 + cuda.threadIdx.x, s1, cuda.blockDim.x):
             y[base + s] = activate(acc(x[base + s]) * a + sh)
 
     @cuda.jit
@@ -357,7 +357,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
 
     @cuda.jit
     def bwd_sums_nchw(dy, x, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, p1, p2):
-        """grid (N*C, ncol), block (T,). p1[row, k] = sum dz, p2[row, k] = sum dz*(x-mean)
+        """grid (N*C, ncol), block (<= T,). p1[row, k] = sum dz, p2[row, k] = sum dz*(x-mean)
         over columns [k*colchunk, (k+1)*colchunk) of row (n, c)."""
         s_a = cuda.shared.array(T, acc)
         s_b = cuda.shared.array(T, acc)
@@ -374,12 +374,13 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         base = row * S
         t1 = acc(0)
         t2 = acc(0)
-        for s in range(s0 + tid, s1, T):
+        nt = cuda.blockDim.x  # a power of two <= T; short rows get small blocks
+        for s in range(s0 + tid, s1, nt):
             xv = acc(x[base + s])
             dz = grad_pre(acc(dy[base + s]), xv * a + sh)
             t1 += dz
             t2 += dz * (xv - mu)
-        t1, t2 = block_sum2(tid, T, t1, t2, s_a, s_b)
+        t1, t2 = block_sum2(tid, nt, t1, t2, s_a, s_b)
         if tid == 0:
             p1[row, k] = t1
             p2[row, k] = t2
@@ -462,7 +463,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
 
     @cuda.jit
     def bwd_dx_nchw(dy, x, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, k1, k0, dx):
-        """grid (N*C, ncol), block (T,). dx = rstd*w*dz + k1*(x - mean) + k0."""
+        """grid (N*C, ncol), block (<= T,). dx = rstd*w*dz + k1*(x - mean) + k0."""
         row = cuda.blockIdx.x
         n = row // C
         c = row - n * C
@@ -476,7 +477,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         s0 = cuda.blockIdx.y * colchunk
         s1 = min(s0 + colchunk, S)
         base = row * S
-        for s in range(s0 + cuda.threadIdx.x, s1, T):
+        for s in range(s0 + cuda.threadIdx.x, s1, cuda.blockDim.x):
             xv = acc(x[base + s])
             dz = grad_pre(acc(dy[base + s]), xv * a + sh)
             dx[base + s] = rw * dz + q1 * (xv - mu) + q0
