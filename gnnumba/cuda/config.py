@@ -33,3 +33,8 @@ MIN_BLOCK_ELEMS = 8192
 
 # Elements each thread handles (at least) in the elementwise apply / dx kernels.
 APPLY_ITEMS = 8
+
+# Channels-last kernels give each thread one channel of a tile of TC channels (a power of
+# two, at least this many, chosen to waste the fewest threads on C): 32 float32 channels
+# is a full 128-byte line per spatial position, so loads stay coalesced.
+CL_MIN_TILE_C = 32

@@ -230,7 +230,7 @@ def _tile_c(C, T):
     """Channel tile of the channels-last kernels: the power of two in
     [min(T, CL_MIN_TILE_C), T] wasting the fewest threads on C (ties: the larger)."""
     best = None
-    tc = min(T, getattr(config, "CL_MIN_TILE_C", 32))
+    tc = min(T, config.CL_MIN_TILE_C)
     while tc <= T:
         waste = _cdiv(C, tc) * tc - C
         if best is None or waste <= best[0]:
