@@ -1,0 +1,253 @@
+"""CUDA kernels against the float64 reference, in Numba's simulator (or on a real GPU).
+
+The simulator must be chosen before ``numba.cuda`` is imported, so a plain ``pytest`` run
+executes this file once more in a subprocess with ``NUMBA_ENABLE_CUDASIM=1``
+(``test_simulator_suite``); in the parent process the device tests skip unless a real GPU
+is present. Shapes are tiny (the simulator runs every thread in Python) and the launch
+configuration is lowered so they still span several blocks and partials per group.
+"""
+
+import importlib.abc
+import importlib.machinery
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+class _GnnumbaCudaFinder(importlib.abc.MetaPathFinder):
+    """numba-cuda's import redirector matches any module name containing "numba.cuda",
+    "gnnumba.cuda" included, and recurses forever; import our package the ordinary way.
+    (Kept here until gnnumba/__init__.py installs the same finder.)"""
+
+    def find_spec(self, name, path, target=None):
+        if name == "gnnumba.cuda" or name.startswith("gnnumba.cuda."):
+            return importlib.machinery.PathFinder.find_spec(name, path, target)
+        return None
+
+
+if not any(type(f).__name__ == "_GnnumbaCudaFinder" for f in sys.meta_path):
+    sys.meta_path.insert(0, _GnnumbaCudaFinder())
+
+from numba import cuda  # noqa: E402
+
+import gnnumba  # noqa: E402
+from gnnumba import _checks, reference  # noqa: E402
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+HAVE_GPU = (not SIM) and cuda.is_available()
+device = pytest.mark.skipif(not (SIM or HAVE_GPU),
+                            reason="no CUDA GPU (the simulator run covers these)")
+
+if SIM or HAVE_GPU:
+    import gnnumba.cuda as gc
+    from gnnumba.cuda import config, launch, selftest
+
+
+@pytest.mark.skipif(SIM, reason="this is the simulator run")
+def test_simulator_suite():
+    """Runs this file under NUMBA_ENABLE_CUDASIM=1 and requires every test to pass."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+         "-p", "no:randomly"],
+        env=env, capture_output=True, text=True, timeout=600,
+        cwd=Path(__file__).resolve().parents[1])
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in tail and "failed" not in tail, tail
+
+
+@pytest.fixture
+def small(monkeypatch):
+    """The lowered launch configuration of the self-test (several blocks per group)."""
+    if SIM:
+        for k, v in selftest.SMALL_CONFIG.items():
+            monkeypatch.setattr(config, k, v)
+
+
+def _dev(a, channels_last=False):
+    return selftest._device(a, channels_last)
+
+
+def _host(a):
+    return a.copy_to_host()
+
+
+def _inputs(shape, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    return ((rng.standard_normal(shape) * 2 + 3).astype(dtype),
+            rng.standard_normal(shape).astype(dtype),
+            (rng.standard_normal(C) + 1).astype(dtype),
+            rng.standard_normal(C).astype(dtype))
+
+
+@device
+@pytest.mark.parametrize("case", selftest.CASES if (SIM or HAVE_GPU) else [],
+                         ids=lambda c: c[0])
+def test_against_reference(small, case):
+    name, shape, G, dtype, cl, act = case
+    errs = selftest.check_case(shape, G, dtype, cl, act)
+    tol = selftest.TOL[dtype]
+    assert max(errs[:3]) <= tol, errs
+    assert max(errs[3:]) <= 10 * tol, errs
+
+
+@device
+def test_selftest_run_reports_every_case(small):
+    results = selftest.run()
+    assert len(results) == 2 * len(selftest.CASES)
+    assert all(ok for _, ok, _ in results), results
+
+
+@device
+@pytest.mark.parametrize("fused_items", [2, 64])  # 2: split path (3 kernels); 64: on-chip
+def test_split_and_fused_paths_agree(small, monkeypatch, fused_items):
+    if SIM:
+        monkeypatch.setattr(config, "FUSED_ITEMS", fused_items)
+    x, dy, w, b = _inputs((2, 4, 5, 6))  # group of 2 x 30 = 60 elements
+    y, m, r = gc.group_norm_forward(_dev(x), 2, _dev(w), _dev(b), 1e-5, activation="silu")
+    yr, mr, rr = reference.forward(x, 2, w, b, 1e-5, "silu")
+    np.testing.assert_allclose(_host(y), yr, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_host(r), rr, rtol=1e-5)
+
+
+@device
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_deterministic(small, cl):
+    x, dy, w, b = _inputs((2, 6, 4, 5), seed=3)
+    xd, dyd, wd, bd = _dev(x, cl), _dev(dy), _dev(w), _dev(b)
+    runs = []
+    for _ in range(2):
+        y, m, r = gc.group_norm_forward(xd, 3, wd, bd, 1e-5)
+        dx, dw, db = gc.group_norm_backward(dyd, xd, m, r, 3, wd, bd)
+        runs.append([_host(a) for a in (y, m, r, dx, dw, db)])
+    for a, b_ in zip(*runs):
+        assert np.array_equal(a, b_)
+
+
+@device
+def test_matches_torch_group_norm(small):
+    torch = pytest.importorskip("torch")
+    x, dy, w, b = _inputs((2, 6, 3, 4), seed=5)
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    bt = torch.tensor(b, requires_grad=True)
+    yt = torch.nn.functional.group_norm(xt, 3, wt, bt, 1e-5)
+    yt.backward(torch.tensor(dy))
+    y, m, r = gc.group_norm_forward(_dev(x), 3, _dev(w), _dev(b), 1e-5)
+    dx, dw, db = gc.group_norm_backward(_dev(dy), _dev(x), m, r, 3, _dev(w), _dev(b))
+    np.testing.assert_allclose(_host(y), yt.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_host(dx), xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_host(dw), wt.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_host(db), bt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@device
+def test_no_affine_gives_none_grads_and_per_sample_grads(small):
+    x, dy, w, b = _inputs((3, 4, 5))
+    y, m, r = gc.group_norm_forward(_dev(x), 2, None, None, 1e-5)
+    yr, _, _ = reference.forward(x, 2, None, None, 1e-5)
+    np.testing.assert_allclose(_host(y), yr, rtol=1e-5, atol=1e-5)
+    dx, dw, db = gc.group_norm_backward(_dev(dy), _dev(x), m, r, 2, None, None)
+    assert dw is None and db is None
+    dx2, dwn, dbn = gc.per_sample_param_grads(_dev(dy), _dev(x), m, r, 2, None, None)
+    dxr, _, _, dwnr, dbnr = reference.backward(dy, x, 2)
+    np.testing.assert_allclose(_host(dx), dxr, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(_host(dx), _host(dx2))
+    assert _host(dwn).shape == (3, 4) and _host(dwn).dtype == np.float32
+    np.testing.assert_allclose(_host(dwn), dwnr, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_host(dbn), dbnr, rtol=1e-4, atol=1e-5)
+
+
+@device
+def test_other_strides_copied_once_and_out_in_place(small):
+    x, dy, w, b = _inputs((2, 4, 3, 5))
+    xt = np.ascontiguousarray(x.transpose(0, 1, 3, 2))  # (2, 4, 5, 3) in memory
+    xd = _dev(xt).transpose((0, 1, 3, 2))  # logical (2, 4, 3, 5), neither layout
+    assert launch.DevArray(xd, "x").layout is None
+    y, m, r = gc.group_norm_forward(xd, 2, _dev(w), _dev(b), 1e-5)
+    yr, _, _ = reference.forward(x, 2, w, b, 1e-5)
+    np.testing.assert_allclose(_host(y), yr, rtol=1e-5, atol=1e-5)
+    xi = _dev(x)
+    out, _, _ = gc.group_norm_forward(xi, 2, _dev(w), _dev(b), 1e-5, out=xi)  # in place
+    assert out is xi
+    np.testing.assert_allclose(_host(xi), yr, rtol=1e-5, atol=1e-5)
+
+
+@device
+def test_empty_inputs(small):
+    y, m, r = gc.group_norm_forward(_dev(np.zeros((0, 4, 3), np.float32)), 2, None, None, 1e-5)
+    assert _host(y).shape == (0, 4, 3) and _host(m).shape == (0, 2)
+    y, m, r = gc.group_norm_forward(_dev(np.zeros((2, 4, 0), np.float32)), 2, None, None, 1e-5)
+    assert _host(y).shape == (2, 4, 0)
+    assert np.all(_host(m) == 0) and np.all(np.isnan(_host(r)))  # as the CPU path
+
+
+@device
+def test_launch_forward_writes_caller_outputs(small):
+    x, dy, w, b = _inputs((2, 4, 6))
+    y = cuda.device_array(x.shape, np.float32)
+    m = cuda.device_array((2, 2), np.float32)
+    r = cuda.device_array((2, 2), np.float32)
+    assert gc.launch_forward(_dev(x), 2, None, None, 1e-5, None, y, m, r, stream=0) is None
+    yr, mr, rr = reference.forward(x, 2, None, None, 1e-5)
+    np.testing.assert_allclose(_host(y), yr, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="mean has dtype float64"):
+        gc.launch_forward(_dev(x), 2, None, None, 1e-5, None, y,
+                          cuda.device_array((2, 2), np.float64), r)
+
+
+def _message(exc_type, fn):
+    with pytest.raises(exc_type) as info:
+        fn()
+    return str(info.value)
+
+
+@device
+def test_errors_match_cpu_messages(small):
+    x, dy, w, b = _inputs((2, 6, 4))
+    xd = _dev(x)
+    for G, bad_w in [(4, None), (2, np.ones(5, np.float32))]:
+        cpu = _message(ValueError, lambda: gnnumba.group_norm(x, G, bad_w))
+        gpu = _message(ValueError, lambda: gc.launch_forward(
+            xd, G, None if bad_w is None else _dev(bad_w), None, 1e-5, None,
+            cuda.device_array(x.shape, np.float32), cuda.device_array((2, G), np.float32),
+            cuda.device_array((2, G), np.float32)))
+        assert gpu == cpu
+    cpu = _message(TypeError, lambda: gnnumba.group_norm(x, 2, w.astype(np.float64)))
+    gpu = _message(TypeError, lambda: gc.group_norm_forward(
+        xd, 2, _dev(w.astype(np.float64)), None, 1e-5))
+    assert gpu == cpu
+    with pytest.raises(TypeError, match="not supported"):
+        gc.group_norm_forward(_dev(x.astype(np.int32)), 2, None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"dy must have the same shape"):
+        gc.group_norm_backward(_dev(dy[:1]), xd, *gc.group_norm_forward(xd, 2, None, None,
+                                                                        1e-5)[1:], 2, None,
+                               None)
+    assert "C=6" in _message(ValueError, lambda: _checks.check_num_groups(4, 6))
+
+
+@device
+def test_public_api_dispatches_device_arrays(small):
+    x, dy, w, b = _inputs((2, 4, 5))
+    y = gnnumba.group_norm(_dev(x), 2, _dev(w), _dev(b))
+    np.testing.assert_allclose(_host(y), reference.forward(x, 2, w, b)[0], rtol=1e-5,
+                               atol=1e-5)
+
+
+@device
+def test_strided_copy_kernel(small):
+    """The kernel that brings arbitrary strides to NCHW on a real GPU (the simulator path
+    copies with NumPy), fed directly with a flat span, negative strides included."""
+    src = np.arange(60, dtype=np.float32)
+    ks = launch._kernels(np.float32, None)
+    dst = cuda.to_device(np.zeros(12, np.float32))
+    # logical (3, 4) view of src: rows step -20 (start at 40), columns step 3
+    ks.strided_copy[1, 32](cuda.to_device(src), 40, (-20, 3), dst, 0, (4, 1), (3, 4))
+    want = np.array([[40 - 20 * i + 3 * j for j in range(4)] for i in range(3)], np.float32)
+    assert np.array_equal(_host(dst).reshape(3, 4), want)
