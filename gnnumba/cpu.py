@@ -79,6 +79,19 @@ def _rstd(m2, count, eps):
     return 1.0 / np.sqrt(m2 / count + eps)
 
 
+@njit(inline="always", fastmath=_FM)
+def _group_stats(xg, chunk, eps):
+    """(mean, rstd) of one contiguous group: chunk statistics merged in chunk order (the
+    split path does the same merges in the same order)."""
+    cnt = 0
+    mu = 0.0
+    m2 = 0.0
+    for lo in range(0, xg.shape[0], chunk):
+        m, q = _chunk_stats(xg[lo:lo + chunk])
+        cnt, mu, m2 = _merge(cnt, mu, m2, min(chunk, xg.shape[0] - lo), m, q)
+    return mu, _rstd(m2, xg.shape[0], eps)
+
+
 @njit(inline="always")
 def _set_forward_coefs(coef, n, g, Cg, mean, rstd, w, b):
     """y = (x - mean) * scale + beta per channel of group g: coef[n, :, c] = (scale, beta,
@@ -164,25 +177,16 @@ def _fwd_nchw_fused(x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef):
     N, C, S = x3.shape
     G = mean.shape[1]
     Cg = C // G
-    D = Cg * S
     for t in prange(N * G):
         n = t // G
         g = t - n * G
-        xg = x2[t]
-        cnt = 0
-        mu = 0.0
-        m2 = 0.0
-        for lo in range(0, D, chunk):
-            hi = min(lo + chunk, D)
-            m, q = _chunk_stats(xg[lo:hi])
-            cnt, mu, m2 = _merge(cnt, mu, m2, hi - lo, m, q)
-        r = _rstd(m2, D, eps)
+        mu, r = _group_stats(x2[t], chunk, eps)
         mean[n, g] = mu
         rstd[n, g] = r
         _set_forward_coefs(coef, n, g, Cg, mu, r, w, b)
         for c in range(g * Cg, (g + 1) * Cg):
-            _apply_row(x3[n, c], y3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c],
-                   one, silu)
+            _apply_row(x3[n, c], y3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c], one,
+                       silu)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -326,6 +330,46 @@ def _bwd_nchw_split(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, c
 # --------------------------------------------------------------------------- channels-last
 
 
+@njit(inline="always", fastmath=_FM)
+def _cl_block_stats(xb, Cg, pm, pq):
+    """Per-group mean and M2 of one block (positions, C) of a channels-last sample, into
+    pm[g], pq[g]. Two passes over the block (it stays in L2), per-channel float64
+    accumulators vectorised along C."""
+    P, C = xb.shape
+    G = C // Cg
+    acc = np.zeros(C)
+    for s in range(P):
+        xr = xb[s]
+        for c in range(C):
+            acc[c] += xr[c]
+    mc = np.empty(C)
+    for g in range(G):
+        m = acc[g * Cg:(g + 1) * Cg].sum() / (P * Cg)
+        pm[g] = m
+        mc[g * Cg:(g + 1) * Cg] = m
+    acc[:] = 0.0
+    for s in range(P):
+        xr = xb[s]
+        for c in range(C):
+            d = xr[c] - mc[c]
+            acc[c] += d * d
+    for g in range(G):
+        pq[g] = acc[g * Cg:(g + 1) * Cg].sum()
+
+
+@njit(inline="always")
+def _cl_merge(pm, pq, g, sb, S, Cg, eps):
+    """(mean, rstd) of group g from its per-block partials pm[k, g], pq[k, g], merged in
+    block order."""
+    cnt = 0
+    mu = 0.0
+    m2 = 0.0
+    for k in range(pm.shape[0]):
+        s0 = k * sb
+        cnt, mu, m2 = _merge(cnt, mu, m2, (min(s0 + sb, S) - s0) * Cg, pm[k, g], pq[k, g])
+    return mu, _rstd(m2, S * Cg, eps)
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
 def _fwd_cl(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
     N, S, C = x3.shape
@@ -339,45 +383,11 @@ def _fwd_cl(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
         n = t // nb
         k = t - n * nb
         s0 = k * sb
-        s1 = min(s0 + sb, S)
-        acc = np.zeros(C)
-        for s in range(s0, s1):
-            xr = x3[n, s]
-            for c in range(C):
-                acc[c] += xr[c]
-        cnt = (s1 - s0) * Cg
-        mc = np.empty(C)
-        for g in range(G):
-            tot = 0.0
-            for c in range(g * Cg, (g + 1) * Cg):
-                tot += acc[c]
-            m = tot / cnt
-            pm[n, k, g] = m
-            for c in range(g * Cg, (g + 1) * Cg):
-                mc[c] = m
-        acc[:] = 0.0
-        for s in range(s0, s1):
-            xr = x3[n, s]
-            for c in range(C):
-                d = xr[c] - mc[c]
-                acc[c] += d * d
-        for g in range(G):
-            tot = 0.0
-            for c in range(g * Cg, (g + 1) * Cg):
-                tot += acc[c]
-            pq[n, k, g] = tot
-    D = Cg * S
+        _cl_block_stats(x3[n, s0:min(s0 + sb, S)], Cg, pm[n, k], pq[n, k])
     for ng in prange(N * G):
         n = ng // G
         g = ng - n * G
-        cnt = 0
-        mu = 0.0
-        m2 = 0.0
-        for k in range(nb):
-            s0 = k * sb
-            cnt, mu, m2 = _merge(cnt, mu, m2, (min(s0 + sb, S) - s0) * Cg, pm[n, k, g],
-                                 pq[n, k, g])
-        r = _rstd(m2, D, eps)
+        mu, r = _cl_merge(pm[n], pq[n], g, sb, S, Cg, eps)
         mean[n, g] = mu
         rstd[n, g] = r
         _set_forward_coefs(coef, n, g, Cg, mu, r, w, b)
