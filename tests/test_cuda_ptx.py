@@ -1,0 +1,149 @@
+"""Every CUDA kernel specialisation compiles to PTX for sm_80 and sm_90, with no GPU.
+
+Specialisations: input dtype (float16/float32/float64) x kernel (the NCHW and
+channels-last layouts are separate kernels) x activation (None/"silu", for the kernels
+that apply it). Where ``ptxas`` is installed the PTX is also assembled, and the registers,
+shared memory, stack and spills per kernel are checked (no spills, no local-memory stack
+in the hot kernels: the per-thread tiles must live in registers).
+
+``python tests/test_cuda_ptx.py`` prints the resource table.
+"""
+
+import importlib.abc
+import importlib.machinery
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("PTX compilation needs the real numba.cuda, not the simulator",
+                allow_module_level=True)
+
+
+class _GnnumbaCudaFinder(importlib.abc.MetaPathFinder):
+    """See tests/test_cuda.py: works around numba-cuda's redirector matching gnnumba.cuda."""
+
+    def find_spec(self, name, path, target=None):
+        if name == "gnnumba.cuda" or name.startswith("gnnumba.cuda."):
+            return importlib.machinery.PathFinder.find_spec(name, path, target)
+        return None
+
+
+if not any(type(f).__name__ == "_GnnumbaCudaFinder" for f in sys.meta_path):
+    sys.meta_path.insert(0, _GnnumbaCudaFinder())
+
+from numba import cuda  # noqa: E402
+
+from gnnumba.cuda import config, kernels  # noqa: E402
+
+CCS = [(8, 0), (9, 0)]
+DTYPES = ["float16", "float32", "float64"]
+# kernels whose code depends on the activation
+SILU_KERNELS = {"fwd_fused_nchw", "fwd_apply_nchw", "fwd_apply_cl", "bwd_sums_nchw",
+                "bwd_sums_cl", "bwd_dx_nchw", "bwd_dx_cl"}
+# the kernels that stream the tensor: they must not touch local memory
+HOT = SILU_KERNELS | {"fwd_stats_nchw", "fwd_stats_cl"}
+
+
+def specializations():
+    for cc in CCS:
+        for dt in DTYPES:
+            for name in kernels.kernel_names():
+                for silu in ([False, True] if name in SILU_KERNELS else [False]):
+                    yield cc, dt, name, silu
+
+
+def _id(spec):
+    cc, dt, name, silu = spec
+    return f"sm_{cc[0]}{cc[1]}-{dt}-{name}{'-silu' if silu else ''}"
+
+
+_PTX = {}
+
+
+def compile_ptx(spec):
+    if spec not in _PTX:
+        cc, dt, name, silu = spec
+        acc = "float64" if dt == "float64" else "float32"
+        ks = kernels.build(config.THREADS, config.ITEMS, config.FUSED_ITEMS, acc, silu)
+        ptx, _ = cuda.compile_ptx(getattr(ks, name).py_func, kernels.signatures(dt)[name],
+                                  cc=cc)
+        _PTX[spec] = ptx
+    return _PTX[spec]
+
+
+PTXAS = shutil.which("ptxas") or ("/usr/local/bin/ptxas"
+                                  if os.path.exists("/usr/local/bin/ptxas") else None)
+
+
+def ptxas_resources(ptx, cc):
+    """(resources dict, note). NVVM from CUDA 13.5 writes PTX ISA 9.5; an older ptxas
+    (CUDA 13.0 accepts up to 9.0) rejects the header, so the ``.version`` line is lowered
+    to what ptxas names as its current version and the note says so. ptxas still rejects
+    any instruction its ISA does not have, so a success is meaningful."""
+    note = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        for _ in range(2):
+            with open(path, "w") as f:
+                f.write(ptx)
+            proc = subprocess.run([PTXAS, f"-arch=sm_{cc[0]}{cc[1]}", "-v", path, "-o",
+                                   os.path.join(tmp, "k.cubin")], capture_output=True,
+                                  text=True)
+            m = re.search(r"Unsupported \.version (\S+); current version is '(\S+)'",
+                          proc.stderr)
+            if proc.returncode == 0 or not m:
+                break
+            ptx = re.sub(r"^\.version \S+", f".version {m.group(2)}", ptx, flags=re.M)
+            note = f"PTX .version {m.group(1)} lowered to {m.group(2)} for this ptxas"
+        if proc.returncode != 0:
+            raise AssertionError(proc.stderr)
+    out = proc.stderr + proc.stdout
+    res = {"registers": int(re.search(r"Used (\d+) registers", out).group(1))}
+    for key, pat in [("smem", r"(\d+) bytes smem"), ("stack", r"(\d+) bytes stack frame"),
+                     ("spill_stores", r"(\d+) bytes spill stores"),
+                     ("spill_loads", r"(\d+) bytes spill loads")]:
+        m = re.search(pat, out)
+        res[key] = int(m.group(1)) if m else 0
+    return res, note
+
+
+SPECS = list(specializations())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[_id(s) for s in SPECS])
+def test_compiles_to_ptx(spec):
+    ptx = compile_ptx(spec)
+    cc = spec[0]
+    assert f".target sm_{cc[0]}{cc[1]}" in ptx
+    assert ".entry" in ptx  # a kernel, not just device functions
+    assert "atom.global.add.f" not in ptx  # determinism: no float atomics
+
+
+@pytest.mark.skipif(PTXAS is None, reason="ptxas not installed")
+@pytest.mark.parametrize("spec", [s for s in SPECS if s[1] != "float16" or s[2] in HOT],
+                         ids=[_id(s) for s in SPECS if s[1] != "float16" or s[2] in HOT])
+def test_ptxas_resources(spec):
+    res, _ = ptxas_resources(compile_ptx(spec), spec[0])
+    assert res["spill_stores"] == 0 and res["spill_loads"] == 0, res
+    assert res["registers"] <= 255
+    if spec[2] in HOT:
+        assert res["stack"] == 0, f"per-thread tile left registers: {res}"
+
+
+if __name__ == "__main__":  # resource table for the docs / report
+    print(f"ptxas: {PTXAS}")
+    for spec in SPECS:
+        ptx = compile_ptx(spec)
+        if PTXAS:
+            res, note = ptxas_resources(ptx, spec[0])
+            print(f"{_id(spec):45s} regs {res['registers']:3d}  smem {res['smem']:5d} B  "
+                  f"stack {res['stack']:3d} B  spills {res['spill_stores']}/"
+                  f"{res['spill_loads']} B  {note}")
+        else:
+            print(f"{_id(spec):45s} PTX {len(ptx)} chars")
