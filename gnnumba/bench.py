@@ -166,17 +166,18 @@ def summarise(p: P.Problem, contenders: list[Contender], skipped: dict) -> dict:
                         "min_s": float(min(c.samples)), "reps": len(c.samples),
                         "number": c.number}
     copy_gbps = 2 * p.numel * p.itemsize / rows[COPY]["median_s"] / 1e9
-    base = rows.get(P.BASELINE)
+    base_name = P.baseline_of(rows)
+    base = rows.get(base_name)
     for name, r in rows.items():
         traffic = 2 * p.numel * p.itemsize if name == COPY else p.bytes_moved
         r["gbps"] = traffic / r["median_s"] / 1e9
         r["frac_copy"] = r["gbps"] / copy_gbps
-        # speedup over torch native: > 1 means faster than torch
+        # speedup over torch native (Opacus for per-sample grads): > 1 means faster
         r["speedup_vs_torch"] = base["median_s"] / r["median_s"] if base else None
     return {"id": p.id, "label": p.label, "shape": list(p.shape), "groups": p.groups,
             "dtype": p.dtype, "layout": p.layout, "activation": p.activation, "mode": p.mode,
             "device": p.device, "bytes_moved": p.bytes_moved, "copy_gbps": copy_gbps,
-            "contenders": rows, "skipped": skipped}
+            "baseline": base_name, "contenders": rows, "skipped": skipped}
 
 
 # --------------------------------------------------------------------------- machine
@@ -265,7 +266,8 @@ def format_table(res: dict) -> str:
     act = f", {res['activation']}" if res["activation"] else ""
     head = (f"{res['label'] or shape}  ({res['mode']}, {shape}, G={res['groups']}, "
             f"{res['layout']}, {res['dtype']}{act}, {res['device']})")
-    cols = ["contender", "median", "±IQR/2", "vs torch", "GB/s", "of copy"]
+    cols = ["contender", "median", "±IQR/2", f"vs {res['baseline'] or 'torch'}", "GB/s",
+            "of copy"]
     rows = []
     items = sorted(res["contenders"].items(),
                    key=lambda kv: (kv[0] == COPY, kv[1]["median_s"]))
@@ -291,13 +293,14 @@ def summary_line(results: list[dict]) -> str:
     by_name = {}
     for r in results:
         for name, c in r["contenders"].items():
-            if c["speedup_vs_torch"] is not None and name not in (COPY, P.BASELINE):
+            if c["speedup_vs_torch"] is not None and name not in (COPY, r["baseline"]):
                 by_name.setdefault(name, []).append(c["speedup_vs_torch"])
     if not by_name:
         return "no torch baseline (torch not importable): ratios are not available"
     parts = [f"{n} {math.exp(statistics.fmean(map(math.log, v))):.2f}× (n={len(v)})"
              for n, v in by_name.items()]
-    return "geometric-mean speedup vs torch: " + ", ".join(parts)
+    return ("geometric-mean speedup vs torch (vs Opacus for per-sample grads): "
+            + ", ".join(parts))
 
 
 # --------------------------------------------------------------------------- plot
@@ -352,8 +355,10 @@ def _contender_order(results):
 
 
 def run(problems: list[P.Problem], settings: Settings, *, peer_names=None, progress=True,
-        out=sys.stdout, device="cpu") -> dict:
+        out=None, device="cpu") -> dict:
     from tqdm import tqdm
+
+    out = sys.stdout if out is None else out
 
     machine = machine_info(device)
     print(machine_line(machine), file=out)

@@ -187,7 +187,8 @@ def _parse_cuda(rc: int, stdout: str, stderr: str, where: str, seconds: float) -
 
 
 def run(backends=("cpu", "torch", "dp", "cuda"), *, verbose=False, cuda_timeout=900.0,
-        out=sys.stdout) -> int:
+        out=None) -> int:
+    out = sys.stdout if out is None else out
     outcomes = []
     for b in backends:
         if b == "cpu":

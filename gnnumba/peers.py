@@ -334,7 +334,9 @@ def _torch_inputs(p: Problem, a: dict, requires_grad: bool):
     def t(v, lay, grad=False):
         v = torch.from_numpy(lay_out(v, p.layout) if lay else v).to(device=dev, dtype=dt)
         if lay and p.layout == "channels_last":
-            v = v.contiguous(memory_format=_torch_memory_format(v.ndim))
+            # for 4-D/5-D these are the strides of torch.channels_last(_3d); 3-D has no
+            # memory-format name but the same (N, spatial..., C) order
+            v = v.movedim(1, -1).contiguous().movedim(-1, 1)
         elif lay and p.layout == "strided":
             v = torch.empty(v.shape[:-1] + (2 * v.shape[-1],), dtype=dt,
                             device=dev)[..., ::2].copy_(v)
@@ -345,16 +347,6 @@ def _torch_inputs(p: Problem, a: dict, requires_grad: bool):
     w, b = t(a["weight"], False, requires_grad), t(a["bias"], False, requires_grad)
     sync = _cuda_sync if p.device == "cuda" else (lambda: None)
     return x, dy, w, b, sync
-
-
-def _torch_memory_format(ndim):
-    import torch
-
-    if ndim == 4:
-        return torch.channels_last
-    if ndim == 5:
-        return torch.channels_last_3d
-    raise ValueError(f"torch has channels_last formats for 4-D and 5-D tensors only, not {ndim}-D")
 
 
 def _torch_timed(p: Problem, forward, x, dy, params, sync) -> Prepared:
@@ -457,8 +449,15 @@ PEERS: tuple[Peer, ...] = (
          note="dp.per_sample_grads (Numba kernel)"),
 )
 
-# The baseline that ratios are reported against.
-BASELINE = "torch"
+# What ratios are reported against: torch native, or for per-sample gradients Opacus'
+# (torch-based) sampler. BASELINE is the one for the array modes.
+BASELINES = ("torch", "opacus")
+BASELINE = BASELINES[0]
+
+
+def baseline_of(names) -> str | None:
+    """The first of BASELINES among ``names`` (contender names of one problem)."""
+    return next((b for b in BASELINES if b in names), None)
 
 
 def peer(name: str) -> Peer:

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Turn ``gnnumba bench --json PATH`` output into the README's Markdown performance table.
+
+    gnnumba bench --json bench.json          # the measurement (minutes; --quick: < 1 min)
+    python scripts/readme_table.py bench.json > table.md
+
+The table names the machine it was measured on; paste it between the README's
+``<!-- bench-table -->`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+# Columns, left to right; a contender that no problem has is left out.
+TIME_COLUMNS = ("gnnumba", "gnnumba out=", "gnnumba.torch", "torch", "numpy", "dp", "opacus")
+# Whose speedup and bandwidth the right-hand columns show: the first one present.
+OURS = ("gnnumba", "dp")
+
+
+def _t(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs" if s >= 1e-4 else f"{s * 1e6:.1f} µs"
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def table(report: dict) -> str:
+    results = report["results"]
+    present = [c for c in TIME_COLUMNS if any(c in r["contenders"] for r in results)]
+    head = ["problem", "shape (G)", "mode", "layout", *present, "speedup", "GB/s", "of copy"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+    for r in results:
+        cs = r["contenders"]
+        ours = next((o for o in OURS if o in cs), None)
+        times = [_t(cs[c]["median_s"]) if c in cs else "" for c in present]
+        if ours is not None and cs[ours]["speedup_vs_torch"] is not None:
+            speed = f"**{cs[ours]['speedup_vs_torch']:.2f}×**"
+        else:
+            speed = "—"
+        gbps = f"{cs[ours]['gbps']:.1f}" if ours else "—"
+        frac = f"{cs[ours]['frac_copy']:.0%}" if ours else "—"
+        shape = "×".join(map(str, r["shape"])) + f" ({r['groups']})"
+        act = " + silu" if r.get("activation") else ""
+        lines.append("| " + " | ".join([r["label"], shape, r["mode"].replace("_", " ") + act,
+                                        r["layout"].replace("_", "-"), *times, speed, gbps,
+                                        frac]) + " |")
+    dtypes = sorted({r["dtype"] for r in results})
+    notes = (
+        f"Measured on: {report['machine_line']}. {', '.join(dtypes)}; median of interleaved "
+        "repetitions (`gnnumba bench`). *speedup* = time of torch native `F.group_norm` "
+        "(of Opacus' GroupNorm sampler for per-sample grads) / time of gnnumba (of "
+        "`dp.per_sample_grads`); *GB/s* counts the bytes the operation must move (forward: "
+        "read x, write y; backward: read x and dy, write dx; per-sample grads: read x and dy); "
+        "*of copy* compares it with `np.copyto` of the same byte count timed in the same run."
+    )
+    return notes + "\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json_path", help="output of gnnumba bench --json")
+    args = ap.parse_args(argv)
+    try:
+        with open(args.json_path) as f:
+            report = json.load(f)
+        text = table(report)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"readme_table: cannot read {args.json_path} as `gnnumba bench --json` output "
+              f"({type(e).__name__}: {e})", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
