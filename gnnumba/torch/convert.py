@@ -79,7 +79,11 @@ def _convert(module: nn.Module, max_groups: int, done: dict) -> nn.Module:
         new = _to_group_norm(module, max_groups)
     else:
         new = module
-        for name, child in list(module.named_children()):
+        # _modules, not named_children(): the latter yields a shared child only once, and
+        # every slot holding it must be replaced
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
             converted = _convert(child, max_groups, done)
             if converted is not child:
                 setattr(module, name, converted)
