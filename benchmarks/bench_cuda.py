@@ -10,8 +10,6 @@ torch's native CUDA GroupNorm time to gnnumba's (> 1: gnnumba faster). Exits wit
 """
 
 import argparse
-import importlib.abc
-import importlib.machinery
 import json
 import sys
 
@@ -25,14 +23,6 @@ SHAPES = [
     ("resnet N=32 C=256 56x56", (32, 256, 56, 56), 32),
 ]
 
-
-class _GnnumbaCudaFinder(importlib.abc.MetaPathFinder):
-    """See tests/test_cuda.py (numba-cuda's redirector matches gnnumba.cuda)."""
-
-    def find_spec(self, name, path, target=None):
-        if name == "gnnumba.cuda" or name.startswith("gnnumba.cuda."):
-            return importlib.machinery.PathFinder.find_spec(name, path, target)
-        return None
 
 
 def _time(fn, torch, iters):
@@ -62,8 +52,7 @@ def main(argv=None):
     if not (cuda.is_available() and torch.cuda.is_available()):
         print("no CUDA GPU visible to Numba and torch: benchmark skipped (no figures)")
         return 0
-    sys.meta_path.insert(0, _GnnumbaCudaFinder())
-    from gnnumba.cuda import launch_forward
+    from gnnumba.gpu import launch_forward
 
     print(f"device: {torch.cuda.get_device_name()}")
     print(f"{'shape':28s} {'dtype':7s} {'gnnumba':>10s} {'torch':>10s} {'copy':>10s} "

@@ -1,7 +1,7 @@
 """The array-level API: validation, layout handling and dispatch to a backend.
 
 ``x`` is a NumPy array (CPU kernels in ``gnnumba.cpu``) or a CUDA array (kernels in
-``gnnumba.cuda``). Nothing the caller passes is modified, except ``out``.
+``gnnumba.gpu``). Nothing the caller passes is modified, except ``out``.
 """
 
 from __future__ import annotations
@@ -17,21 +17,22 @@ CPU_DTYPES = (np.float32, np.float64)
 
 
 def _is_cuda_array(x) -> bool:
-    """True for objects the CUDA backend takes: anything with ``__cuda_array_interface__``
-    and Numba device arrays (the simulator's have no interface attribute)."""
+    """True for objects the CUDA backend takes: Numba device arrays (the simulator's have no
+    ``__cuda_array_interface__``) and anything with ``__cuda_array_interface__``."""
     if isinstance(x, np.ndarray):
         return False
-    if hasattr(x, "__cuda_array_interface__"):
+    if getattr(x, "__cuda_ndarray__", False):
         return True
     try:
-        from numba import cuda
-    except ImportError:  # pragma: no cover - numba always ships numba.cuda
-        return False
-    return cuda.is_cuda_array(x) or type(x).__name__ in ("DeviceNDArray", "FakeCUDAArray")
+        return hasattr(x, "__cuda_array_interface__")
+    except Exception:  # torch raises TypeError for bfloat16 CUDA tensors
+        return True  # the CUDA backend then raises its clear bfloat16 TypeError
 
 
 def _cuda_backend():
-    from . import cuda as backend  # imported lazily: numba-cuda is an optional extra
+    # imported lazily: numba-cuda is an optional extra. (The package is "gpu", not "cuda":
+    # numba-cuda's import redirector hijacks every module name containing "numba.cuda".)
+    from . import gpu as backend
 
     return backend
 
@@ -207,7 +208,7 @@ def per_sample_param_grads(dy, x, mean, rstd, num_groups, weight=None, bias=None
     _check_x(x)
     if _is_cuda_array(x):
         raise TypeError("per_sample_param_grads takes NumPy arrays; for CUDA arrays use "
-                        "gnnumba.cuda.per_sample_param_grads")
+                        "gnnumba.gpu.per_sample_param_grads")
     _checks.check_ndim(x.shape)
     G = _checks.check_num_groups(num_groups, x.shape[1])
     activation = _checks.check_activation(activation)

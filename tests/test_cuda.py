@@ -7,8 +7,6 @@ is present. Shapes are tiny (the simulator runs every thread in Python) and the 
 configuration is lowered so they still span several blocks and partials per group.
 """
 
-import importlib.abc
-import importlib.machinery
 import os
 import subprocess
 import sys
@@ -18,24 +16,11 @@ import numpy as np
 import pytest
 
 
-class _GnnumbaCudaFinder(importlib.abc.MetaPathFinder):
-    """numba-cuda's import redirector matches any module name containing "numba.cuda",
-    "gnnumba.cuda" included, and recurses forever; import our package the ordinary way.
-    (Kept here until gnnumba/__init__.py installs the same finder.)"""
 
-    def find_spec(self, name, path, target=None):
-        if name == "gnnumba.cuda" or name.startswith("gnnumba.cuda."):
-            return importlib.machinery.PathFinder.find_spec(name, path, target)
-        return None
+from numba import cuda
 
-
-if not any(type(f).__name__ == "_GnnumbaCudaFinder" for f in sys.meta_path):
-    sys.meta_path.insert(0, _GnnumbaCudaFinder())
-
-from numba import cuda  # noqa: E402
-
-import gnnumba  # noqa: E402
-from gnnumba import _checks, reference  # noqa: E402
+import gnnumba
+from gnnumba import _checks, reference
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 HAVE_GPU = (not SIM) and cuda.is_available()
@@ -43,8 +28,8 @@ device = pytest.mark.skipif(not (SIM or HAVE_GPU),
                             reason="no CUDA GPU (the simulator run covers these)")
 
 if SIM or HAVE_GPU:
-    import gnnumba.cuda as gc
-    from gnnumba.cuda import config, launch, selftest
+    import gnnumba.gpu as gc
+    from gnnumba.gpu import config, launch, selftest
 
 
 @pytest.mark.skipif(SIM, reason="this is the simulator run")

@@ -9,8 +9,6 @@ in the hot kernels: the per-thread tiles must live in registers).
 ``python tests/test_cuda_ptx.py`` prints the resource table.
 """
 
-import importlib.abc
-import importlib.machinery
 import os
 import re
 import shutil
@@ -25,21 +23,10 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
                 allow_module_level=True)
 
 
-class _GnnumbaCudaFinder(importlib.abc.MetaPathFinder):
-    """See tests/test_cuda.py: works around numba-cuda's redirector matching gnnumba.cuda."""
 
-    def find_spec(self, name, path, target=None):
-        if name == "gnnumba.cuda" or name.startswith("gnnumba.cuda."):
-            return importlib.machinery.PathFinder.find_spec(name, path, target)
-        return None
+from numba import cuda
 
-
-if not any(type(f).__name__ == "_GnnumbaCudaFinder" for f in sys.meta_path):
-    sys.meta_path.insert(0, _GnnumbaCudaFinder())
-
-from numba import cuda  # noqa: E402
-
-from gnnumba.cuda import config, kernels  # noqa: E402
+from gnnumba.gpu import config, kernels
 
 CCS = [(8, 0), (9, 0)]
 DTYPES = ["float16", "float32", "float64"]

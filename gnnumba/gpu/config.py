@@ -1,6 +1,6 @@
 """Launch configuration of the CUDA kernels, in one place.
 
-Tests lower these (``monkeypatch.setattr(gnnumba.cuda.config, "THREADS", 32)``) so that the
+Tests lower these (``monkeypatch.setattr(gnnumba.gpu.config, "THREADS", 32)``) so that the
 small inputs the simulator can afford still span several blocks, several tiles and several
 partials per group. Kernels are built per value (``kernels.build``), so a change takes
 effect on the next call. Results never depend on these values beyond rounding: every

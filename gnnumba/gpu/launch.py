@@ -194,7 +194,7 @@ def copy_into(src: DevArray, dst: DevArray, stream=0):
 def _threads() -> int:
     T = config.THREADS
     if not (isinstance(T, int) and 1 <= T <= 1024 and T & (T - 1) == 0):
-        raise ValueError(f"gnnumba.cuda.config.THREADS must be a power of two in [1, 1024], "
+        raise ValueError(f"gnnumba.gpu.config.THREADS must be a power of two in [1, 1024], "
                          f"got {T!r}")
     return T
 

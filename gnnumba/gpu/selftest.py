@@ -93,6 +93,6 @@ def run():
     return results
 
 
-if __name__ == "__main__":  # python -m gnnumba.cuda.selftest
+if __name__ == "__main__":  # python -m gnnumba.gpu.selftest
     for name, ok, err in run():
         print(f"{'ok  ' if ok else 'FAIL'} {name:40s} {err:.2e}")
