@@ -2,7 +2,7 @@
 
 Reads top-down: layout and dtype helpers, the CPU implementation (zero-copy NumPy views of
 torch tensors handed to ``gnnumba.cpu``), the CUDA implementation (torch tensors handed to
-``gnnumba.cuda.launch`` through ``__cuda_array_interface__`` on torch's current stream), the
+``gnnumba.gpu.launch`` through ``__cuda_array_interface__`` on torch's current stream), the
 custom ops ``gnnumba::group_norm_fwd`` / ``gnnumba::group_norm_bwd`` with fake kernels and
 autograd, and finally the public ``group_norm``.
 
@@ -41,7 +41,7 @@ from .. import _checks, cpu
 _HALF = (torch.float16, torch.bfloat16)
 _NATIVE = (torch.float32, torch.float64)
 # CUDA dtypes handed to the kernels as they are; others are upcast to float32 like on CPU.
-# float16 can join once gnnumba.cuda.launch is verified on it.
+# float16 can join once gnnumba.gpu.launch is verified on it.
 _CUDA_NATIVE = (torch.float32, torch.float64)
 _ACTIVATION = {False: None, True: "silu"}
 
@@ -77,21 +77,29 @@ def _in_layout(t: Tensor, channels_last: bool) -> Tensor:
     return t.contiguous()
 
 
-def _empty(x: Tensor, channels_last: bool, dtype: torch.dtype) -> Tensor:
-    """A new tensor of x's shape in the given layout (the fake kernel uses it too, so the
-    strides traced by torch.compile are the ones the real kernel produces)."""
-    if channels_last:
-        shape = (x.shape[0],) + tuple(x.shape[2:]) + (x.shape[1],)
-        return x.new_empty(shape, dtype=dtype).movedim(-1, 1)
-    return x.new_empty(x.shape, dtype=dtype)
+def _empty(x: Tensor) -> Tensor:
+    """A new tensor with the shape, dtype and strides of ``x``, which is in a kernel layout
+    (hence dense, so empty_like's preserve_format copies its strides). The fake kernels use
+    it too, so the strides torch.compile traces are the ones the real kernels produce."""
+    return torch.empty_like(x)
 
 
-def _view3(t: Tensor, channels_last: bool, N: int, C: int, S: int) -> Tensor:
-    """(N, C, S) view for NCHW, (N, S, C) view for channels-last. ``view`` (not reshape)
-    so that a copy can never slip in and swallow the kernel's writes."""
+_CL_PERM = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+
+
+def _np3(t: Tensor, channels_last: bool, N: int, C: int, S: int) -> np.ndarray:
+    """NumPy (N, C, S) view of an NCHW tensor, or (N, S, C) view of a channels-last one.
+
+    Before the reshape the array is C-contiguous (t is contiguous in that order), and NumPy
+    reshapes a C-contiguous array without copying, so the kernels' writes land in ``t``.
+    (NumPy's reshape is ~1 us cheaper than torch's view at small sizes.)
+    """
+    a = t.numpy()
     if channels_last:
-        return t.movedim(1, -1).view(N, S, C)
-    return t.view(N, C, S)
+        nd = a.ndim
+        a = a.transpose(_CL_PERM.get(nd) or ((0,) + tuple(range(2, nd)) + (1,)))
+        return a.reshape(N, S, C)
+    return a.reshape(N, C, S)
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -129,15 +137,15 @@ def _cpu_forward(x: Tensor, G: int, weight, bias, eps: float, silu: bool):
         y, mean, rstd = _cpu_forward(x.float(), G, weight, bias, eps, silu)
         return y.to(x.dtype), mean, rstd
     x, cl = _in_fast_layout(x.detach())
-    y = _empty(x, cl, x.dtype)
-    N, C = x.shape[0], x.shape[1]
+    y = _empty(x)
+    shape = x.shape
+    N, C = shape[0], shape[1]
     numel = x.numel()
     if numel == 0:
         return (y,) + _empty_stats(x, G, eps)
     S = numel // (N * C)
-    mean, rstd = cpu.forward(_view3(x, cl, N, C, S).numpy(), G, _np_param(weight, C, 1.0),
-                             _np_param(bias, C, 0.0), eps, silu,
-                             _view3(y, cl, N, C, S).numpy(), cl)
+    mean, rstd = cpu.forward(_np3(x, cl, N, C, S), G, _np_param(weight, C, 1.0),
+                             _np_param(bias, C, 0.0), eps, silu, _np3(y, cl, N, C, S), cl)
     return y, torch.from_numpy(mean), torch.from_numpy(rstd)
 
 
@@ -148,19 +156,19 @@ def _cpu_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
         return dx.to(x.dtype), dw, db
     x, cl = _in_fast_layout(x.detach())
     dy = _in_layout(dy.detach().to(x.dtype), cl)
-    dx = _empty(x, cl, x.dtype)
-    N, C = x.shape[0], x.shape[1]
+    dx = _empty(x)
+    shape = x.shape
+    N, C = shape[0], shape[1]
     numel = x.numel()
     if numel == 0:
         zeros = x.new_zeros(C, dtype=torch.float64)
         return dx, zeros, zeros.clone()
     S = numel // (N * C)
     dgamma_n, dbeta_n = cpu.backward(
-        _view3(dy, cl, N, C, S).numpy(), _view3(x, cl, N, C, S).numpy(),
+        _np3(dy, cl, N, C, S), _np3(x, cl, N, C, S),
         np.ascontiguousarray(mean.detach().numpy(), dtype=np.float64),
         np.ascontiguousarray(rstd.detach().numpy(), dtype=np.float64),
-        _np_param(weight, C, 1.0), _np_param(bias, C, 0.0), silu,
-        _view3(dx, cl, N, C, S).numpy(), cl)
+        _np_param(weight, C, 1.0), _np_param(bias, C, 0.0), silu, _np3(dx, cl, N, C, S), cl)
     dw, db = cpu.reduce_params(dgamma_n, dbeta_n)  # sums over N in order: deterministic
     return dx, torch.from_numpy(dw), torch.from_numpy(db)
 
@@ -203,8 +211,8 @@ def _cuda_forward(x: Tensor, G: int, weight, bias, eps: float, silu: bool):
         return y.to(x.dtype), mean, rstd
     from ..cuda import launch  # lazy: numba-cuda is an optional extra
 
-    x, cl = _in_fast_layout(x.detach())
-    y = _empty(x, cl, x.dtype)
+    x, _ = _in_fast_layout(x.detach())
+    y = _empty(x)
     sdt = _stats_dtype(x)
     N = x.shape[0]
     if x.numel() == 0:
@@ -227,7 +235,7 @@ def _cuda_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bi
 
     x, cl = _in_fast_layout(x.detach())
     dy = _in_layout(dy.detach().to(x.dtype), cl)
-    dx = _empty(x, cl, x.dtype)
+    dx = _empty(x)
     N, C = x.shape[0], x.shape[1]
     sdt = _stats_dtype(x)
     if x.numel() == 0:
@@ -282,10 +290,10 @@ def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor],
 
 @group_norm_fwd.register_fake
 def _(x, num_groups, weight, bias, eps, silu):
-    cl = (not x.is_contiguous()) and _channels_last(x)
     sdt = _stats_dtype(x)
     stats = (x.shape[0], num_groups)
-    return _empty(x, cl, x.dtype), x.new_empty(stats, dtype=sdt), x.new_empty(stats, dtype=sdt)
+    y = _empty(_in_fast_layout(x)[0])
+    return y, x.new_empty(stats, dtype=sdt), x.new_empty(stats, dtype=sdt)
 
 
 @torch.library.custom_op("gnnumba::group_norm_bwd", mutates_args=())
@@ -300,9 +308,8 @@ def group_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor,
 
 @group_norm_bwd.register_fake
 def _(dy, x, mean, rstd, weight, bias, silu):
-    cl = (not x.is_contiguous()) and _channels_last(x)
     C = x.shape[1]
-    return (_empty(x, cl, x.dtype),
+    return (_empty(_in_fast_layout(x)[0]),
             x.new_empty(C, dtype=weight.dtype if weight is not None else x.dtype),
             x.new_empty(C, dtype=bias.dtype if bias is not None else x.dtype))
 
