@@ -225,17 +225,22 @@ def machine_info(device: str = "cpu") -> dict:
     if device == "cuda":
         from numba import cuda
 
+        import numba
+
         dev = cuda.get_current_device()
-        name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-        info["gpu"] = name
-        info["compute_capability"] = ".".join(map(str, dev.compute_capability))
+        name = getattr(dev, "name", "")
+        info["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+        if numba.config.ENABLE_CUDASIM:  # timings in the simulator are not GPU timings
+            info["gpu"] = "Numba CUDA simulator (NOT GPU timings)"
+        info["compute_capability"] = ".".join(map(str, getattr(dev, "compute_capability", ())))
     return info
 
 
 def machine_line(m: dict) -> str:
     parts = []
     if m.get("gpu"):
-        parts.append(f"{m['gpu']} (sm_{m['compute_capability'].replace('.', '')})")
+        cc = m["compute_capability"].replace(".", "")
+        parts.append(f"{m['gpu']} (sm_{cc})" if cc else m["gpu"])
     threads = f"Numba {m['numba_threads']} threads"
     if m.get("torch_threads") is not None:
         threads += f", torch {m['torch_threads']}"

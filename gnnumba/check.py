@@ -6,7 +6,7 @@ Backends and what runs them:
   cases below, forward and backward;
 * ``torch`` — the ``gnnumba.torch`` module, the same cases plus half precision;
 * ``dp``    — ``dp.per_sample_grads`` (per-sample dgamma/dbeta);
-* ``cuda``  — ``gnnumba.cuda.selftest.run()`` in a subprocess: on the GPU when Numba sees
+* ``cuda``  — ``gnnumba.gpu.selftest.run()`` in a subprocess: on the GPU when Numba sees
   one, else in Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, small shapes, slow).
 
 A backend whose library is not installed is reported "unavailable", never "passed". Any
@@ -117,10 +117,10 @@ _MARK = "GNNUMBA-CHECK"
 _CUDA_SCRIPT = f"""
 import json, sys
 try:
-    from gnnumba.cuda import selftest
+    from gnnumba.gpu import selftest
 except ModuleNotFoundError as e:
     missing = e.name or ""
-    if missing in ("gnnumba.cuda", "gnnumba.cuda.selftest") or missing.split(".")[0] in (
+    if missing in ("gnnumba.gpu", "gnnumba.gpu.selftest") or missing.split(".")[0] in (
             "numba_cuda", "cuda", "cupy") or missing.startswith("numba.cuda"):
         print("{_MARK}-UNAVAILABLE " + str(e))
         sys.exit(0)

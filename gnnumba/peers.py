@@ -476,11 +476,26 @@ def available_peers(problem: Problem, names=None) -> list[Peer]:
         if pe.supports(problem) and pe.unavailable_reason() is None:
             if pe.name == "dp" and not hasattr(importlib.import_module("dp"), "per_sample_grads"):
                 continue  # the dp package exists before its per_sample_grads lands
-            if (pe.name == "gnnumba" or pe.name == "gnnumba out=") and problem.device == "cuda" \
-                    and problem.layout != "nchw":
+            if problem.device == "cuda" and not _cuda_ready(pe, problem):
                 continue
             out.append(pe)
     return out
+
+
+def _cuda_ready(pe: Peer, problem: Problem) -> bool:
+    """Whether the peer's library sees a GPU (Numba's simulator counts for Numba)."""
+    if "torch" in pe.requires:
+        import torch
+
+        return torch.cuda.is_available()
+    if problem.layout != "nchw":  # see _gnnumba_inputs
+        return False
+    try:
+        from numba import cuda
+
+        return cuda.is_available()
+    except Exception:
+        return False
 
 
 def reference_outputs(p: Problem, a: dict) -> tuple:

@@ -4,7 +4,10 @@ If a peer computed something else than the others, its benchmark numbers would c
 different work; these tests are what makes the ratios in ``gnnumba bench`` meaningful.
 """
 
+import json
 import math
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -148,3 +151,38 @@ def test_without_torch_only_the_numpy_peers_remain(monkeypatch):
     p = P.Problem((2, 8, 4, 4), 4)
     assert [pe.name for pe in P.available_peers(p)] == ["gnnumba", "gnnumba out=", "numpy"]
     assert "cannot import torch" in P.peer("torch").unavailable_reason()
+
+
+_SIM_SCRIPT = """
+import json
+from gnnumba import peers as P
+from gnnumba.gpu import config, selftest
+for k, v in selftest.SMALL_CONFIG.items():  # simulator: small blocks, fast enough
+    setattr(config, k, v)
+out = []
+for mode in ("forward", "backward", "forward+backward"):
+    p = P.Problem((2, 4, 3, 5), 2, mode=mode, device="cuda", activation="silu")
+    a = p.arrays()
+    for pe in P.available_peers(p):
+        pr = pe.prepare(p, a)
+        got = pr.outputs(pr.run())
+        pr.sync()
+        out.append([pe.name, mode, P.max_error(got, P.reference_outputs(p, a))])
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_cuda_peers_in_the_simulator():
+    # the CUDA side of the table (device arrays in, sync, copy back) in Numba's simulator
+    pytest.importorskip("numba.cuda")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-c", _SIM_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    results = json.loads(line[len("RESULT "):])
+    assert {(n, m) for n, m, _ in results} >= {
+        ("gnnumba", "forward"), ("gnnumba out=", "forward"), ("gnnumba", "backward"),
+        ("gnnumba", "forward+backward")}
+    for name, mode, err in results:
+        assert err <= P.TOLERANCE["float32"], (name, mode, err)
