@@ -8,7 +8,10 @@ half-precision results are judged against the exact answer, not against torch's 
 from __future__ import annotations
 
 import copy
+import os
 import pickle
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -413,6 +416,61 @@ def test_concurrent_calls_from_threads_are_correct():
 
 
 # --------------------------------------------------------------------------- CUDA
+
+# The bridge's CUDA code (dtypes, layouts, workspaces and output buffers it hands to
+# gnnumba.gpu.launch) run against the real launch functions and kernels in Numba's CUDA
+# simulator, with CPU tensors standing in for CUDA ones. Runs on machines without a GPU.
+_SIMULATED_CUDA_SCRIPT = r"""
+import torch
+from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+from gnnumba.torch import ops
+from gnnumba.gpu import config, launch
+
+config.THREADS = 32  # small blocks: several per group even at these sizes
+config.CL_MIN_TILE_C = 4
+
+def as_sim(a):
+    return FakeCUDAArray(a.numpy()) if isinstance(a, torch.Tensor) else a
+
+def adapt(fn):
+    def wrapped(*args, stream=0, **kw):
+        assert stream is SENTINEL, "launch must receive the stream the bridge looked up"
+        return fn(*map(as_sim, args), **{k: as_sim(v) for k, v in kw.items()})
+    return wrapped
+
+SENTINEL = object()
+launch.launch_forward = adapt(launch.launch_forward)
+launch.launch_backward = adapt(launch.launch_backward)
+ops._numba_stream = lambda device: SENTINEL
+
+for dtype, cl, tol in ((torch.float32, True, 1e-5), (torch.float16, False, 4e-3),
+                       (torch.bfloat16, True, 1.6e-2)):
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    x = x.to(dtype)
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    dy = torch.randn(2, 8, 3, 5).to(dtype)
+    y, mean, rstd = ops._cuda_forward(x, 4, w, b, 1e-5, True)
+    y_cpu, mean_cpu, rstd_cpu = ops._cpu_forward(x, 4, w, b, 1e-5, True)
+    dx, dw, db = ops._cuda_backward(dy, x, mean, rstd, w, b, True)
+    dx_cpu, dw_cpu, db_cpu = ops._cpu_backward(dy, x, mean_cpu, rstd_cpu, w, b, True)
+    assert y.dtype == dx.dtype == dtype and y.stride() == x.stride() == dx.stride()
+    assert mean.dtype == rstd.dtype == torch.float32
+    for got, want in ((y, y_cpu), (dx, dx_cpu), (dw, dw_cpu), (db, db_cpu), (mean, mean_cpu)):
+        err = (got.double() - want.double()).abs().max().item()
+        assert err <= tol * max(1.0, want.abs().max().item()), (dtype, cl, err)
+print("simulated CUDA path OK")
+"""
+
+
+def test_cuda_bridge_against_simulated_kernels():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-c", _SIMULATED_CUDA_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "simulated CUDA path OK" in proc.stdout
+
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -21,15 +21,17 @@ by the kernels. Memory layout: NCHW-contiguous and channels-last (memory order N
 C, what ``torch.channels_last`` gives) are used as they are and the output keeps the layout;
 any other strides are copied once to NCHW.
 
-dtypes: float32 and float64 run natively. float16 and bfloat16 are upcast to float32 as a
-first step, normalised, and the result cast back: NumPy has no bfloat16 and Numba's CPU
-target no float16. (Statistics are accumulated in float64 on CPU whatever the dtype.) A
-native half path (uint16 views converted inside the kernels) would save that extra traffic
-and may come later.
+dtypes: float32 and float64 run natively. On CPU, float16 and bfloat16 are upcast to
+float32 as a first step, normalised, and the result cast back: NumPy has no bfloat16 and
+Numba's CPU target no float16 (statistics are accumulated in float64 on CPU whatever the
+dtype). A native half path (uint16 views converted inside the kernels) would save that extra
+traffic and may come later. On CUDA, float16 runs natively (float32 accumulation) and
+bfloat16 is upcast to float32 (no CUDA-array-interface type for it).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import numpy as np
@@ -40,9 +42,8 @@ from .. import _checks, cpu
 
 _HALF = (torch.float16, torch.bfloat16)
 _NATIVE = (torch.float32, torch.float64)
-# CUDA dtypes handed to the kernels as they are; others are upcast to float32 like on CPU.
-# float16 can join once gnnumba.gpu.launch is verified on it.
-_CUDA_NATIVE = (torch.float32, torch.float64)
+# CUDA dtypes handed to the kernels as they are (bfloat16 is upcast to float32)
+_CUDA_NATIVE = (torch.float16, torch.float32, torch.float64)
 _ACTIVATION = {False: None, True: "silu"}
 
 
@@ -106,9 +107,13 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
     """dtype of the op's mean/rstd. CPU: float64, what gnnumba.cpu computes, returned without
     a conversion (and read back as is by the backward). CUDA: float64 for float64 input,
     float32 otherwise, as in the array API."""
-    if x.dtype == torch.float64 or x.device.type == "cpu":
+    if x.device.type == "cpu":
         return torch.float64
-    return torch.float32
+    return _cuda_stats_dtype(x.dtype)
+
+
+def _cuda_stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _empty_stats(x: Tensor, G: int, eps: float):
@@ -174,13 +179,18 @@ def _cpu_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
 
 
 # --------------------------------------------------------------------------- CUDA
+#
+# gnnumba.gpu.launch takes torch CUDA tensors directly (through __cuda_array_interface__),
+# NCHW or channels-last, float16/32/64, outputs preallocated, and only enqueues work on the
+# stream it is given: no host synchronisation. bfloat16 has no CUDA-array-interface type,
+# so it is upcast to float32 like on the CPU.
 
 _streams: dict = {}
 
 
 def _numba_stream(device: torch.device):
-    """Numba's handle on torch's current stream for ``device`` (cached per stream pointer;
-    creating it costs a few microseconds)."""
+    """Numba's handle on torch's current stream for ``device``, cached per stream pointer
+    (creating one costs a few microseconds)."""
     ptr = torch.cuda.current_stream(device).cuda_stream
     s = _streams.get(ptr)
     if s is None:
@@ -191,17 +201,17 @@ def _numba_stream(device: torch.device):
 
 
 def _on_device(device: torch.device):
-    """Numba's context for the tensor's GPU (a no-op context on single-GPU machines)."""
+    """Numba's context for the tensor's GPU; a no-op on single-GPU machines, where Numba
+    and torch share the device's primary context anyway."""
     if torch.cuda.device_count() > 1:
         from numba import cuda
 
         return cuda.gpus[device.index if device.index is not None else 0]
-    import contextlib
-
     return contextlib.nullcontext()
 
 
 def _cuda_param(p: Optional[Tensor], dtype: torch.dtype):
+    """launch_* want parameters in x's dtype and contiguous."""
     return None if p is None else p.detach().to(dtype).contiguous()
 
 
@@ -209,16 +219,15 @@ def _cuda_forward(x: Tensor, G: int, weight, bias, eps: float, silu: bool):
     if x.dtype not in _CUDA_NATIVE:
         y, mean, rstd = _cuda_forward(x.float(), G, weight, bias, eps, silu)
         return y.to(x.dtype), mean, rstd
-    from ..cuda import launch  # lazy: numba-cuda is an optional extra
+    from ..gpu import launch  # lazy: numba-cuda is an optional extra
 
     x, _ = _in_fast_layout(x.detach())
     y = _empty(x)
-    sdt = _stats_dtype(x)
-    N = x.shape[0]
     if x.numel() == 0:
         return (y,) + _empty_stats(x, G, eps)
-    mean = x.new_empty((N, G), dtype=sdt)
-    rstd = x.new_empty((N, G), dtype=sdt)
+    sdt = _cuda_stats_dtype(x.dtype)
+    mean = x.new_empty((x.shape[0], G), dtype=sdt)
+    rstd = torch.empty_like(mean)
     with _on_device(x.device):
         launch.launch_forward(x, G, _cuda_param(weight, x.dtype), _cuda_param(bias, x.dtype),
                               eps, _ACTIVATION[silu], y, mean, rstd,
@@ -231,20 +240,21 @@ def _cuda_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bi
     if x.dtype not in _CUDA_NATIVE:
         dx, dw, db = _cuda_backward(dy.float(), x.float(), mean, rstd, weight, bias, silu)
         return dx.to(x.dtype), dw, db
-    from ..cuda import launch
+    from ..gpu import launch
 
     x, cl = _in_fast_layout(x.detach())
     dy = _in_layout(dy.detach().to(x.dtype), cl)
     dx = _empty(x)
     N, C = x.shape[0], x.shape[1]
-    sdt = _stats_dtype(x)
     if x.numel() == 0:
-        zeros = x.new_zeros(C, dtype=sdt)
+        zeros = x.new_zeros(C)
         return dx, zeros, zeros.clone()
+    sdt = _cuda_stats_dtype(x.dtype)
+    # per-sample (N, C) workspaces in the accumulation dtype; the (C,) sums in x's dtype
     dweight_n = x.new_empty((N, C), dtype=sdt)
-    dbias_n = x.new_empty((N, C), dtype=sdt)
-    dweight = x.new_empty(C, dtype=sdt)
-    dbias = x.new_empty(C, dtype=sdt)
+    dbias_n = torch.empty_like(dweight_n)
+    dweight = x.new_empty(C)
+    dbias = x.new_empty(C)
     with _on_device(x.device):
         launch.launch_backward(dy, x, mean.detach().to(sdt).contiguous(),
                                rstd.detach().to(sdt).contiguous(), mean.shape[1],
@@ -266,8 +276,8 @@ def forward_impl(x: Tensor, G: int, weight, bias, eps: float, silu: bool):
 
 def backward_impl(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bias,
                   silu: bool):
-    """(dx, dweight, dbias): dx in x's dtype and layout; dweight/dbias of shape (C,) in the
-    statistics' precision (float64 on CPU), cast to the parameter dtype by the caller."""
+    """(dx, dweight, dbias): dx in x's dtype and layout; dweight/dbias of shape (C,) (float64
+    on CPU, x's dtype on CUDA), cast to the parameter dtype by the caller."""
     if x.is_cuda:
         return _cuda_backward(dy, x, mean, rstd, weight, bias, silu)
     return _cpu_backward(dy, x, mean, rstd, weight, bias, silu)
