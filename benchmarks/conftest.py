@@ -16,7 +16,9 @@ def pytest_terminal_summary(terminalreporter, config):
     tr.section("speed vs torch native / Opacus (median; > 1 = faster)")
     for group, benches in groups:
         now = [b for b in benches if not b.get("source") or b.get("source") == "NOW"]
-        by_peer = {b["extra_info"].get("peer"): b for b in now}
+        by_peer = {b["extra_info"]["peer"]: b for b in now if "peer" in b["extra_info"]}
+        if not by_peer:  # a benchmark that is not from the peers table
+            continue
         base = by_peer.get(baseline_of(by_peer))
         parts = []
         for name, b in sorted(by_peer.items(), key=lambda kv: kv[1]["median"]):

@@ -333,7 +333,7 @@ def plot(results: list[dict], path: str, machine: str) -> None:
         ax2.bar(off, bw, width, label=n)
     ax1.axhline(1.0, color="k", lw=0.8)
     ax1.set_yscale("log")
-    ax1.set_ylabel("speedup vs torch (×, log)")
+    ax1.set_ylabel("speedup vs torch\n(vs Opacus for per-sample grads; ×, log)")
     ax1.legend(fontsize=8, ncol=3)
     copy = [r["copy_gbps"] for r in results]
     ax2.step(np.r_[xs - 0.5, xs[-1] + 0.5], np.r_[copy, copy[-1]], where="post", color="k",

@@ -55,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shapes", type=_csv(tuple(P.SHAPE_SETS), "shape set"),
                    help="shape sets to run (default: all but 'small'); ignored with --quick")
     b.add_argument("--modes", type=_csv(P.MODES, "mode"),
-                   default=["forward", "forward+backward"],
-                   help="default: forward,forward+backward; ignored with --quick")
+                   default=["forward", "forward+backward", "per_sample_grads"],
+                   help="default: forward,forward+backward,per_sample_grads (the last: dp vs "
+                        "Opacus); ignored with --quick")
     b.add_argument("--layouts", type=_csv(("nchw", "channels_last"), "layout"),
                    default=["nchw", "channels_last"], help="ignored with --quick")
     b.add_argument("--activation", choices=("none", "silu"), default="none")
