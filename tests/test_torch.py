@@ -175,6 +175,32 @@ def test_deterministic_bitwise():
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(2, 1, 3, 3).to(memory_format=torch.channels_last),  # C=1: both layouts
+    lambda: torch.randn(1, 8, 1, 1).to(memory_format=torch.channels_last),  # 1x1 spatial
+    lambda: torch.randn(2, 8, 1, 5).to(memory_format=torch.channels_last),  # a size-1 dim
+    lambda: torch.randn(2, 8, 3, 1, 2).to(memory_format=torch.channels_last_3d),
+    lambda: torch.randn(2, 8, 1).expand(2, 8, 6),                         # zero stride
+    lambda: torch.randn(4, 5, 8).permute(0, 2, 1)[:, :, 1:],              # odd strides
+    lambda: torch.randn(3, 2, 8, 4).transpose(0, 1),                      # N not outermost
+], ids=["C=1-cl", "1x1-cl", "size1-cl", "3d-size1-cl", "expanded", "permuted-slice",
+        "batch-transposed"])
+def test_unusual_strides(make):
+    """Ambiguous or odd strides never lose the kernels' writes (outputs are views) and give
+    torch's answer; layouts the kernels take are kept."""
+    x = make().requires_grad_()
+    C = x.shape[1]
+    G = 2 if C % 2 == 0 else 1
+    w, b = (p.requires_grad_() for p in make_params(C, torch.float32))
+    y = gt.group_norm(x, G, w, b)
+    dy = torch.randn(x.shape)
+    got = (y,) + torch.autograd.grad(y, (x, w, b), dy)
+    y_ref = F.group_norm(x, G, w, b)
+    want = (y_ref,) + torch.autograd.grad(y_ref, (x, w, b), dy)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-5)
+
+
 def test_input_not_modified_and_output_fresh():
     x = make_input((2, 8, 4, 4), "cl")
     before = x.clone()
