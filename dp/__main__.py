@@ -112,9 +112,9 @@ def plot(path, coupling, sens, training):
         rs = [r for r in coupling if r["norm"] == norm]
         label = "BatchNorm" if norm == "bn" else "gnnumba GroupNorm (exactly 0)"
         ax[0].plot([r["batch"] for r in rs], [r["grad_change"] for r in rs], style, label=label)
-    ax[0].set(xscale="log", yscale="symlog", xlabel="batch size B",
-              ylabel="max |change| of other samples' grads", title="1. Coupling")
-    ax[0].yaxis.set_tick_params(which="both")
+    ax[0].set_yscale("symlog", linthresh=1e-6)  # linear near 0, so GN's exact 0 shows
+    ax[0].set(xlabel="batch size B", ylabel="max |change| of other samples' grads",
+              title="1. Coupling (replace one sample)")
     ax[0].legend()
     for norm, style in (("bn", "o-"), ("gn", "s--")):
         rs = [r for r in sens if r["norm"] == norm]
@@ -123,9 +123,14 @@ def plot(path, coupling, sens, training):
     bs = sorted({r["batch"] for r in sens})
     ax[1].plot(bs, [2 * b + 1 for b in bs], ":", color="gray", label="(2B+1) C bound")
     ax[1].axhline(1.0, color="red", lw=1, label="C (what DP-SGD assumes)")
-    ax[1].set(xscale="log", yscale="log", xlabel="batch size B",
-              ylabel="||change of clipped sum|| / C", title="2. Sensitivity")
+    ax[1].set(yscale="log", xlabel="batch size B", ylabel="||change of clipped sum|| / C",
+              title="2. Sensitivity (add one sample)")
     ax[1].legend()
+    for a, rows in ((ax[0], coupling), (ax[1], sens)):
+        ticks = sorted({r["batch"] for r in rows})
+        a.set_xscale("log", base=2)
+        a.set_xticks(ticks, [str(t) for t in ticks])
+        a.minorticks_off()
     labels = [r["model"] if r["epsilon"] == float("inf") else f"GN eps={r['epsilon']:.1f}"
               for r in training]
     ax[2].bar(labels, [100 * r["accuracy"] for r in training], color="tab:blue")

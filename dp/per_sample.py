@@ -3,7 +3,7 @@
 NumPy arrays (float32/float64) and torch CPU tensors run the Numba kernels of
 ``dp.kernels`` (torch tensors zero-copy through ``.numpy()``; float16/bfloat16 are upcast to
 float32 first, one copy, because NumPy has no bfloat16). CUDA tensors / CUDA arrays go to
-``gnnumba.cuda.per_sample_param_grads`` when that backend exists, else raise.
+``gnnumba.gpu.per_sample_param_grads`` when that backend exists, else raise.
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def _numpy_per_sample_grads(x, dy, num_groups, eps, activation, weight, bias):
     """Validated CPU path on NumPy arrays; float64 (N, C) results."""
     G, eps, activation = _validate(x.shape, dy.shape, num_groups, eps, activation)
     _checks.check_same_dtype("dy", dy.dtype, x.dtype)
-    C = x.shape[1]
+    N, C = x.shape[:2]
+    if x.size == 0:  # sums over nothing (N == 0 or an empty spatial dim)
+        return np.zeros((N, C)), np.zeros((N, C))
     w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
     b = np.zeros(C) if bias is None else np.asarray(bias, dtype=np.float64)
     channels_last = is_channels_last(x)
@@ -128,7 +130,7 @@ def _torch_per_sample_grads(torch, x, dy, num_groups, eps, activation, weight, b
 
 def _cuda_per_sample_grads(x, dy, num_groups, eps, activation, weight, bias):
     """CUDA arrays/tensors: the statistics from the CUDA forward, then the CUDA backend's
-    per-sample reduction (it exists once gnnumba.cuda is installed and provides it)."""
+    per-sample reduction (it exists once gnnumba.gpu is installed and provides it)."""
     G, eps, activation = _validate(x.shape, dy.shape, num_groups, eps, activation)
     try:
         from gnnumba import cuda as backend
@@ -140,7 +142,7 @@ def _cuda_per_sample_grads(x, dy, num_groups, eps, activation, weight, bias):
     fn = getattr(backend, "per_sample_param_grads", None)
     if fn is None:
         raise NotImplementedError(
-            "per_sample_grads got a CUDA array, but this gnnumba.cuda has no "
+            "per_sample_grads got a CUDA array, but this gnnumba.gpu has no "
             "per_sample_param_grads; move the tensors to the CPU (x.cpu(), dy.cpu())"
         )
     _, mean, rstd = backend.group_norm_forward(x, G, weight, bias, eps, activation=activation,
