@@ -43,8 +43,10 @@ def test_bench_quick_json(tmp_path, capsys):
     assert {tuple(r["shape"]) for r in results} >= {(1, 32, 8, 8), (8, 256, 64, 64)}
     for r in results:
         cs = r["contenders"]
-        assert set(cs) == {"copy", "gnnumba", "torch"}
+        assert set(cs) == {"copy", "copy+alloc", "gnnumba", "torch"}
         assert cs["copy"]["frac_copy"] == pytest.approx(1.0)
+        assert cs["copy+alloc"]["gbps"] == pytest.approx(cs["copy"]["gbps"] * cs["copy"][
+            "median_s"] / cs["copy+alloc"]["median_s"])
         for c in cs.values():
             assert c["median_s"] > 0 and c["reps"] >= 5
             assert c["q1_s"] <= c["median_s"] <= c["q3_s"]
@@ -61,7 +63,7 @@ def test_bench_runs_without_torch(tmp_path, monkeypatch, capsys):
     out = tmp_path / "b.json"
     assert main(TINY + ["--json", str(out)]) == 0
     (r,) = json.loads(out.read_text())["results"]
-    assert set(r["contenders"]) == {"copy", "gnnumba", "gnnumba out=", "numpy"}
+    assert set(r["contenders"]) == {"copy", "copy+alloc", "gnnumba", "gnnumba out=", "numpy"}
     assert r["contenders"]["gnnumba"]["speedup_vs_torch"] is None
     assert "no torch baseline" in capsys.readouterr().out
 
