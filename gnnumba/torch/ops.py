@@ -390,13 +390,10 @@ class _GroupNormFunction(torch.autograd.Function):
                 db if need[3] else None, None, None)
 
 
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def _run(x: Tensor, G: int, weight, bias, eps: float, silu: bool) -> Tensor:
     """GroupNorm of validated arguments through the cheapest correct route."""
-    if type(x) is torch.Tensor and (x.is_cpu or x.is_cuda) and not _is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if type(x) is torch.Tensor and (x.is_cpu or x.is_cuda) and not compiling:
         if torch.is_grad_enabled() and (
             x.requires_grad
             or (weight is not None and weight.requires_grad)
@@ -404,6 +401,9 @@ def _run(x: Tensor, G: int, weight, bias, eps: float, silu: bool) -> Tensor:
         ):
             return _GroupNormFunction.apply(x, G, weight, bias, eps, silu)
         return forward_impl(x, G, weight, bias, eps, silu)[0]
+    if not compiling and x.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"gnnumba runs on CPU and CUDA tensors, got a tensor on "
+                         f"{x.device.type}; move it with .cpu() or use torch.nn.GroupNorm")
     return torch.ops.gnnumba.group_norm_fwd(x, G, weight, bias, eps, silu)[0]
 
 
