@@ -100,11 +100,16 @@ def _torch_per_sample_grads(torch, x, dy, num_groups, eps, activation, weight, b
             raise TypeError(f"{name} must be a torch.Tensor of shape (C,) or None when x is a "
                             f"torch.Tensor, got {type(p).__name__}")
     if x.is_cuda:
-        gw, gb = _cuda_per_sample_grads(x.detach(), dy.detach(), num_groups, eps, activation,
-                                        None if weight is None else weight.detach(),
-                                        None if bias is None else bias.detach())
-        return torch.as_tensor(gw, device=x.device).to(x.dtype), \
-            torch.as_tensor(gb, device=x.device).to(x.dtype)
+        # bfloat16 is upcast (one copy) like on the CPU; weight/bias must match x's dtype
+        compute = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+
+        def dev(t):
+            return None if t is None else t.detach().to(compute).reshape(-1).contiguous()
+
+        gw, gb = _cuda_per_sample_grads(x.detach().to(compute), dy.detach().to(compute),
+                                        num_groups, eps, activation, dev(weight), dev(bias))
+        return (torch.as_tensor(gw, device=x.device).to(x.dtype),
+                torch.as_tensor(gb, device=x.device).to(x.dtype))
     if x.device.type != "cpu":
         raise TypeError(f"per_sample_grads supports CPU and CUDA tensors, got device {x.device}")
     if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
@@ -130,10 +135,12 @@ def _torch_per_sample_grads(torch, x, dy, num_groups, eps, activation, weight, b
 
 def _cuda_per_sample_grads(x, dy, num_groups, eps, activation, weight, bias):
     """CUDA arrays/tensors: the statistics from the CUDA forward, then the CUDA backend's
-    per-sample reduction (it exists once gnnumba.gpu is installed and provides it)."""
+    backward with its (N, C) per-sample sums (dx comes along; cheap next to the reads).
+    Results are Numba device arrays (float32, float64 for float64 x)."""
     G, eps, activation = _validate(x.shape, dy.shape, num_groups, eps, activation)
     try:
-        from gnnumba import cuda as backend
+        # the package is gnnumba.gpu (numba-cuda hijacks module names containing "cuda")
+        from gnnumba import gpu as backend
     except ImportError as e:
         raise NotImplementedError(
             "per_sample_grads got a CUDA array, but gnnumba's CUDA backend is not available "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -183,12 +184,36 @@ def test_cuda_without_backend_raises_clearly(monkeypatch):
 
     import gnnumba
 
-    monkeypatch.setitem(sys.modules, "gnnumba.cuda", None)  # backend "not installed"
-    monkeypatch.delattr(gnnumba, "cuda", raising=False)
+    monkeypatch.setitem(sys.modules, "gnnumba.gpu", None)  # backend "not installed"
+    monkeypatch.delattr(gnnumba, "gpu", raising=False)
     monkeypatch.setattr(gnnumba.api, "_is_cuda_array", lambda a: isinstance(a, FakeCuda))
     monkeypatch.setattr(dp.per_sample, "_is_cuda_array", lambda a: isinstance(a, FakeCuda))
     with pytest.raises(NotImplementedError, match="CUDA backend"):
         dp.per_sample_grads(FakeCuda(), FakeCuda(), 2)
+
+
+def test_cuda_arrays_in_the_simulator():
+    pytest.importorskip("numba.cuda")
+    code = (
+        "import numpy as np\n"
+        "from numba import cuda\n"
+        "import dp\n"
+        "from gnnumba import reference\n"
+        "rng = np.random.default_rng(0)\n"
+        "x, dy = rng.standard_normal((2, 4, 3, 5)), rng.standard_normal((2, 4, 3, 5))\n"
+        "w, b = rng.standard_normal(4), rng.standard_normal(4)\n"
+        "d = cuda.to_device\n"
+        "gw, gb = dp.per_sample_grads(d(x), d(dy), 2, activation='silu', weight=d(w),"
+        " bias=d(b))\n"
+        "r = reference.backward(dy, x, 2, w, b, 1e-5, 'silu')\n"
+        "np.testing.assert_allclose(gw.copy_to_host(), r[3], atol=1e-10)\n"
+        "np.testing.assert_allclose(gb.copy_to_host(), r[4], atol=1e-10)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- Opacus
