@@ -19,6 +19,8 @@ from typing import Dict, List
 import torch
 from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
 
+from gnnumba.torch import GroupNorm
+
 from .per_sample import per_sample_grads
 
 
@@ -62,13 +64,4 @@ def register(cls) -> None:
     register_norm_sampler(cls)(compute_group_norm_norm_sample)
 
 
-def _register_gnnumba() -> bool:
-    try:
-        from gnnumba.torch import GroupNorm
-    except ImportError:  # TODO(dp): drop once gnnumba.torch has landed
-        return False
-    register(GroupNorm)
-    return True
-
-
-REGISTERED = _register_gnnumba()
+register(GroupNorm)
