@@ -280,6 +280,15 @@ def test_norm_sampler_matches_grad_sampler():
     assert set(dp.grad_sampler.compute_group_norm_grad_sample(layer, [x], dy)) == {layer.weight}
 
 
+def test_sampler_empty_batch_and_float64():
+    # Opacus's micro-batch check refuses N == 0, so call the sampler directly
+    layer = _gn(2, 4, "silu").double()
+    x = torch.zeros(0, 4, 3, 3, dtype=torch.float64)
+    out = dp.grad_sampler.compute_group_norm_grad_sample(layer, [x], x.clone())
+    assert out[layer.weight].shape == (0, 4) and out[layer.weight].dtype == torch.float64
+    assert out[layer.bias].shape == (0, 4)
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_privacy_engine_end_to_end(mode):
     from opacus import PrivacyEngine
