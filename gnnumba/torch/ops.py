@@ -103,7 +103,8 @@ _NP_STORAGE = {torch.float32: np.float32, torch.float64: np.float64,
 
 
 def _cpu_empty(x: Tensor, channels_last: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """A CPU tensor of x's shape in the given layout whose memory NumPy allocated.
+    """A CPU tensor of x's shape in the given layout whose memory NumPy allocated
+    (``_cpu_out`` also returns the kernels' 3-D view of it).
 
     Why not torch.empty: NumPy asks for transparent huge pages on large arrays and torch's
     CPU allocator does not, so a fresh torch tensor pays one page fault per 4 KiB on first
@@ -118,6 +119,18 @@ def _cpu_empty(x: Tensor, channels_last: bool, dtype: Optional[torch.dtype] = No
         a = a.transpose((0, nd - 1) + tuple(range(1, nd - 1)))
     t = torch.from_numpy(a)
     return t.view(dtype) if dtype == torch.bfloat16 else t
+
+
+def _cpu_out(x: Tensor, channels_last: bool, N: int, C: int, S: int):
+    """(tensor like x in the layout, NumPy (N, C, S) / (N, S, C) view of it) for a kernel
+    output in x's (float32/float64) dtype."""
+    shape = _mem_shape(x.shape, channels_last)
+    a = np.empty(shape, _NP_STORAGE[x.dtype])
+    if channels_last:
+        nd = a.ndim
+        t = torch.from_numpy(a.transpose((0, nd - 1) + tuple(range(1, nd - 1))))
+        return t, a.reshape(N, S, C)
+    return torch.from_numpy(a), a.reshape(N, C, S)
 
 
 def _cpu_cast(t: Tensor, channels_last: bool, dtype: torch.dtype) -> Tensor:
@@ -185,15 +198,15 @@ def _cpu_forward(x: Tensor, G: int, weight, bias, eps: float, silu: bool):
         y, mean, rstd = _cpu_forward(_cpu_cast(x, cl, torch.float32), G, weight, bias, eps,
                                      silu)
         return _cpu_cast(y, cl, x.dtype), mean, rstd
-    y = _cpu_empty(x, cl)
     shape = x.shape
     N, C = shape[0], shape[1]
     numel = x.numel()
     if numel == 0:
-        return (y,) + _empty_stats(x, G, eps)
+        return (_cpu_empty(x, cl),) + _empty_stats(x, G, eps)
     S = numel // (N * C)
+    y, y3 = _cpu_out(x, cl, N, C, S)
     mean, rstd = cpu.forward(_np3(x, cl, N, C, S), G, _np_param(weight, C, 1.0),
-                             _np_param(bias, C, 0.0), eps, silu, _np3(y, cl, N, C, S), cl)
+                             _np_param(bias, C, 0.0), eps, silu, y3, cl)
     return y, torch.from_numpy(mean), torch.from_numpy(rstd)
 
 
@@ -208,19 +221,19 @@ def _cpu_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
         return _cpu_cast(dx, cl, x.dtype), dw, db
     if dy.dtype != x.dtype or not _has_layout(dy, cl):
         dy = _cpu_cast(dy, cl, x.dtype)
-    dx = _cpu_empty(x, cl)
     shape = x.shape
     N, C = shape[0], shape[1]
     numel = x.numel()
     if numel == 0:
         zeros = x.new_zeros(C, dtype=torch.float64)
-        return dx, zeros, zeros.clone()
+        return _cpu_empty(x, cl), zeros, zeros.clone()
     S = numel // (N * C)
+    dx, dx3 = _cpu_out(x, cl, N, C, S)
     dgamma_n, dbeta_n = cpu.backward(
         _np3(dy, cl, N, C, S), _np3(x, cl, N, C, S),
         np.ascontiguousarray(mean.detach().numpy(), dtype=np.float64),
         np.ascontiguousarray(rstd.detach().numpy(), dtype=np.float64),
-        _np_param(weight, C, 1.0), _np_param(bias, C, 0.0), silu, _np3(dx, cl, N, C, S), cl)
+        _np_param(weight, C, 1.0), _np_param(bias, C, 0.0), silu, dx3, cl)
     dw, db = cpu.reduce_params(dgamma_n, dbeta_n)  # sums over N in order: deterministic
     return dx, torch.from_numpy(dw), torch.from_numpy(db)
 
