@@ -3,10 +3,13 @@
 NumPy arrays (float32/float64) and torch CPU tensors run the Numba kernels of
 ``dp.kernels`` (torch tensors zero-copy through ``.numpy()``; float16/bfloat16 are upcast to
 float32 first, one copy, because NumPy has no bfloat16). CUDA tensors / CUDA arrays go to
-``gnnumba.gpu.per_sample_param_grads`` when that backend exists, else raise.
+gnnumba's CUDA backend (``gnnumba.gpu``: its forward for the statistics, then its
+``per_sample_param_grads``); without numba-cuda they raise NotImplementedError.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 
@@ -33,10 +36,7 @@ def per_sample_grads(x, dy, num_groups, eps=1e-5, *, activation=None, weight=Non
     NumPy in -> NumPy out, torch in -> torch out, in x's dtype. Deterministic (bit-identical
     on every call, for any thread count).
     """
-    try:
-        import torch
-    except ImportError:  # torch is an optional extra
-        torch = None
+    torch = sys.modules.get("torch")  # a tensor implies torch is imported; NumPy users skip it
     if torch is not None and isinstance(x, torch.Tensor):
         return _torch_per_sample_grads(torch, x, dy, num_groups, eps, activation, weight, bias)
     if _is_cuda_array(x):
