@@ -20,4 +20,8 @@ CPU_CL_BLOCK = 32768
 # or too few groups to keep every thread busy, take the "split" path, which spreads the chunks
 # of every group over all threads. Both paths give bit-identical results.
 CPU_FUSED_MAX_BYTES = 512 * 1024
+# Below this many elements (torch's grain size) the NCHW kernels run serially on the calling
+# thread: at (1, 32, 8, 8) the parallel kernel takes ~5.2 us against ~3.2 us serially, and under
+# load a parallel region waits for a core another process holds.
+CPU_SERIAL_MAX_ELEMENTS = 32768
 CPU_FUSED_MIN_TASKS_PER_THREAD = 4

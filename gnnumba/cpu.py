@@ -38,15 +38,19 @@ from numba import njit, prange
 
 from . import config
 
-# "reassoc" lets LLVM vectorise the float64 reductions (several accumulators); "contract"
-# allows FMA. NaN/Inf semantics are kept (no "nnan"/"ninf"), so NaN input gives NaN output.
-_FM = {"reassoc", "contract", "nsz"}
+# Fast-math is confined to the two reduction helpers, _chunk_stats and _row_sums: "reassoc"
+# lets LLVM vectorise their float64 sums (several accumulators). They are separate compiled
+# functions, so every kernel runs the same reduction code; everything else is strict IEEE.
+# With reassoc on a whole kernel, LLVM re-associated the scalar merge formulas differently in
+# the serial and parallel kernels and their results differed in the last bit. NaN/Inf
+# semantics are kept (no "nnan"/"ninf"), so NaN input gives NaN output.
+_FM = {"reassoc", "nsz"}
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-@njit(inline="always", fastmath=_FM)
+@njit(cache=True, fastmath=_FM)
 def _chunk_stats(a):
     """Mean and sum of squared deviations of a chunk, two passes while it sits in L1."""
     s = 0.0
@@ -79,7 +83,7 @@ def _rstd(m2, count, eps):
     return 1.0 / np.sqrt(m2 / count + eps)
 
 
-@njit(inline="always", fastmath=_FM)
+@njit(inline="always")
 def _group_stats(xg, chunk, eps):
     """(mean, rstd) of one contiguous group: chunk statistics merged in chunk order (the
     split path does the same merges in the same order)."""
@@ -104,7 +108,7 @@ def _set_forward_coefs(coef, n, g, Cg, mean, rstd, w, b):
         coef[n, 2, c] = mean
 
 
-@njit(inline="always", fastmath=_FM)
+@njit(inline="always")
 def _apply_row(xr, yr, sc, sh, m, one, silu):
     if silu:
         for s in range(xr.shape[0]):
@@ -115,7 +119,7 @@ def _apply_row(xr, yr, sc, sh, m, one, silu):
             yr[s] = (xr[s] - m) * sc + sh
 
 
-@njit(inline="always", fastmath=_FM)
+@njit(inline="always")
 def _silu_grad_cl_row(xr, dyr, dzr, a, c0, m, one):
     """_silu_grad_row along C, with per-channel coefficient vectors."""
     for c in range(xr.shape[0]):
@@ -124,7 +128,7 @@ def _silu_grad_cl_row(xr, dyr, dzr, a, c0, m, one):
         dzr[c] = dyr[c] * (sg * (one + z * (one - sg)))
 
 
-@njit(inline="always", fastmath=_FM)
+@njit(inline="always")
 def _silu_grad_row(xr, dyr, dzr, a, c0, m, one):
     """dz = dy * silu'(z) with z = (x - m)*a + c0 recomputed from the saved statistics."""
     for s in range(xr.shape[0]):
@@ -133,7 +137,7 @@ def _silu_grad_row(xr, dyr, dzr, a, c0, m, one):
         dzr[s] = dyr[s] * (sg * (one + z * (one - sg)))
 
 
-@njit(inline="always", fastmath=_FM)
+@njit(cache=True, fastmath=_FM)
 def _row_sums(gr, xr, m):
     """sum(g) and sum(g * (x - m)) over one chunk of a row, in float64."""
     s1 = 0.0
@@ -163,7 +167,7 @@ def _set_backward_coefs(coef, n, g, Cg, M, mean, rstd, w, db, dxh):
         coef[n, 3, c] = k0
 
 
-@njit(inline="always", fastmath=_FM)
+@njit(inline="always")
 def _dx_row(xr, gr, dxr, a, k1, m, k0):
     for s in range(xr.shape[0]):
         dxr[s] = a * gr[s] + k1 * (xr[s] - m) + k0
@@ -172,24 +176,36 @@ def _dx_row(xr, gr, dxr, a, k1, m, k0):
 # --------------------------------------------------------------------------- NCHW forward
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
-def _fwd_nchw_fused(x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef):
-    N, C, S = x3.shape
+@njit(inline="always")
+def _fwd_group(t, x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef):
+    """Fused forward of group t = n*G + g: statistics, then normalise while it is in L2."""
     G = mean.shape[1]
-    Cg = C // G
-    for t in prange(N * G):
-        n = t // G
-        g = t - n * G
-        mu, r = _group_stats(x2[t], chunk, eps)
-        mean[n, g] = mu
-        rstd[n, g] = r
-        _set_forward_coefs(coef, n, g, Cg, mu, r, w, b)
-        for c in range(g * Cg, (g + 1) * Cg):
-            _apply_row(x3[n, c], y3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c], one,
-                       silu)
+    Cg = x3.shape[1] // G
+    n = t // G
+    g = t - n * G
+    mu, r = _group_stats(x2[t], chunk, eps)
+    mean[n, g] = mu
+    rstd[n, g] = r
+    _set_forward_coefs(coef, n, g, Cg, mu, r, w, b)
+    for c in range(g * Cg, (g + 1) * Cg):
+        _apply_row(x3[n, c], y3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c], one, silu)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, cache=True)
+def _fwd_nchw_fused(x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef):
+    for t in prange(x2.shape[0]):
+        _fwd_group(t, x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef)
+
+
+@njit(cache=True)
+def _fwd_nchw_serial(x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef):
+    """The fused kernel on the calling thread, for inputs too small to pay for waking the
+    thread pool (or for waiting on a core another process holds)."""
+    for t in range(x2.shape[0]):
+        _fwd_group(t, x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef)
+
+
+@njit(parallel=True, cache=True)
 def _fwd_nchw_split(x2, x3, w, b, eps, silu, one, chunk, y3, mean, rstd, coef):
     N, C, S = x3.shape
     G = mean.shape[1]
@@ -237,44 +253,55 @@ def _dz_coefs(rstd, w, b, c):
     return rstd * w[c], b[c]
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
-def _bwd_nchw_fused(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, coef):
+@njit(inline="always")
+def _bwd_group(t, dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, coef):
+    """Fused backward of group t = n*G + g: per-channel sums, then dx while it is in L2."""
     N, C, S = x3.shape
     G = mean.shape[1]
     Cg = C // G
-    M = Cg * S
-    for t in prange(N * G):
-        n = t // G
-        g = t - n * G
-        mu = mean[n, g]
-        r = rstd[n, g]
-        for c in range(g * Cg, (g + 1) * Cg):
-            xr = x3[n, c]
-            gr = dy3[n, c]
-            coef[n, 2, c] = mu
-            if silu:
-                # park dz in dx; the second pass reads it back
-                coef[n, 0, c], coef[n, 1, c] = _dz_coefs(r, w, b, c)
-                _silu_grad_row(xr, gr, dx3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c],
-                               one)
-                gr = dx3[n, c]
-            s1 = 0.0
-            s2 = 0.0
-            for lo in range(0, S, chunk):
-                hi = min(lo + chunk, S)
-                a1, a2 = _row_sums(gr[lo:hi], xr[lo:hi], coef[n, 2, c])
-                s1 += a1
-                s2 += a2
-            db[n, c] = s1
-            dxh[n, c] = s2 * r
-        _set_backward_coefs(coef, n, g, Cg, M, mu, r, w, db, dxh)
-        for c in range(g * Cg, (g + 1) * Cg):
-            gr = dx3[n, c] if silu else dy3[n, c]
-            _dx_row(x3[n, c], gr, dx3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c],
-                    coef[n, 3, c])
+    n = t // G
+    g = t - n * G
+    mu = mean[n, g]
+    r = rstd[n, g]
+    for c in range(g * Cg, (g + 1) * Cg):
+        xr = x3[n, c]
+        gr = dy3[n, c]
+        coef[n, 2, c] = mu
+        if silu:
+            # park dz in dx; the second pass reads it back
+            coef[n, 0, c], coef[n, 1, c] = _dz_coefs(r, w, b, c)
+            _silu_grad_row(xr, gr, dx3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c], one)
+            gr = dx3[n, c]
+        s1 = 0.0
+        s2 = 0.0
+        for lo in range(0, S, chunk):
+            hi = min(lo + chunk, S)
+            a1, a2 = _row_sums(gr[lo:hi], xr[lo:hi], coef[n, 2, c])
+            s1 += a1
+            s2 += a2
+        db[n, c] = s1
+        dxh[n, c] = s2 * r
+    _set_backward_coefs(coef, n, g, Cg, Cg * S, mu, r, w, db, dxh)
+    for c in range(g * Cg, (g + 1) * Cg):
+        gr = dx3[n, c] if silu else dy3[n, c]
+        _dx_row(x3[n, c], gr, dx3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c],
+                coef[n, 3, c])
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, cache=True)
+def _bwd_nchw_fused(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, coef):
+    for t in prange(mean.size):
+        _bwd_group(t, dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, coef)
+
+
+@njit(cache=True)
+def _bwd_nchw_serial(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, coef):
+    """The fused backward on the calling thread, for small inputs."""
+    for t in range(mean.size):
+        _bwd_group(t, dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, coef)
+
+
+@njit(parallel=True, cache=True)
 def _bwd_nchw_split(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, coef):
     N, C, S = x3.shape
     G = mean.shape[1]
@@ -330,7 +357,7 @@ def _bwd_nchw_split(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, c
 # --------------------------------------------------------------------------- channels-last
 
 
-@njit(inline="always", fastmath=_FM)
+@njit(inline="always")
 def _cl_block_stats(xb, Cg, pm, pq):
     """Per-group mean and M2 of one block (positions, C) of a channels-last sample, into
     pm[g], pq[g]. Two passes over the block (it stays in L2), per-channel float64
@@ -370,7 +397,7 @@ def _cl_merge(pm, pq, g, sb, S, Cg, eps):
     return mu, _rstd(m2, S * Cg, eps)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, cache=True)
 def _fwd_cl(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
     N, S, C = x3.shape
     G = mean.shape[1]
@@ -401,7 +428,7 @@ def _fwd_cl(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
             _apply_cl_row(x3[n, s], y3[n, s], sc, sh, m, one, silu)
 
 
-@njit(inline="always", fastmath=_FM)
+@njit(inline="always")
 def _apply_cl_row(xr, yr, sc, sh, m, one, silu):
     if silu:
         for c in range(xr.shape[0]):
@@ -412,7 +439,7 @@ def _apply_cl_row(xr, yr, sc, sh, m, one, silu):
             yr[c] = (xr[c] - m[c]) * sc[c] + sh[c]
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, cache=True)
 def _bwd_cl(dy3, x3, mean, rstd, w, b, silu, one, block, dx3, db, dxh, coef):
     N, S, C = x3.shape
     G = mean.shape[1]
@@ -494,20 +521,27 @@ def _reduce_params(dxh, db, dw_out, db_out):
 # --------------------------------------------------------------------------- host side
 
 
-def use_fused(num_groups_total: int, group_bytes: int) -> bool:
-    """Fused NCHW path when every thread gets several whole groups that fit in L2."""
-    threads = numba.get_num_threads()
-    return (
-        num_groups_total >= config.CPU_FUSED_MIN_TASKS_PER_THREAD * threads
-        and group_bytes <= config.CPU_FUSED_MAX_BYTES
-    )
+def choose_path(x_size: int, num_groups_total: int, group_bytes: int) -> str:
+    """NCHW path: "serial" below torch's grain size (32768 elements: waking the pool costs
+    more than the work, and a busy core would stall the call), "fused" when every thread gets
+    several whole groups that fit in L2, else "split". All three give bit-identical results."""
+    if x_size < config.CPU_SERIAL_MAX_ELEMENTS:
+        return "serial"  # decided first: numba.get_num_threads() costs ~1.4 us
+    if (num_groups_total >= config.CPU_FUSED_MIN_TASKS_PER_THREAD * numba.get_num_threads()
+            and group_bytes <= config.CPU_FUSED_MAX_BYTES):
+        return "fused"
+    return "split"
+
+
+_FWD = {"serial": _fwd_nchw_serial, "fused": _fwd_nchw_fused, "split": _fwd_nchw_split}
+_BWD = {"serial": _bwd_nchw_serial, "fused": _bwd_nchw_fused, "split": _bwd_nchw_split}
 
 
 def forward(x3, num_groups, weight, bias, eps, silu, y3, channels_last, path=None):
     """Run the forward kernel on 3-D views: (N, C, S) for NCHW or (N, S, C) for channels-last.
 
     ``weight``/``bias`` are float64 arrays of shape (C,). Returns float64 (mean, rstd) of
-    shape (N, G). ``path`` ("fused"/"split") forces an NCHW path (tests use it).
+    shape (N, G). ``path`` ("serial"/"fused"/"split") forces an NCHW path.
     """
     if channels_last:
         N, S, C = x3.shape
@@ -524,9 +558,8 @@ def forward(x3, num_groups, weight, bias, eps, silu, y3, channels_last, path=Non
     D = (C // G) * S
     x2 = x3.reshape(N * G, D)
     if path is None:
-        path = "fused" if use_fused(N * G, D * x3.itemsize) else "split"
-    kernel = _fwd_nchw_fused if path == "fused" else _fwd_nchw_split
-    kernel(x2, x3, weight, bias, eps, silu, one, config.CPU_CHUNK, y3, mean, rstd, coef)
+        path = choose_path(x3.size, N * G, D * x3.itemsize)
+    _FWD[path](x2, x3, weight, bias, eps, silu, one, config.CPU_CHUNK, y3, mean, rstd, coef)
     return mean, rstd
 
 
@@ -547,9 +580,8 @@ def backward(dy3, x3, mean, rstd, weight, bias, silu, dx3, channels_last, path=N
                 dxh, coef)
         return dxh, db
     if path is None:
-        path = "fused" if use_fused(N * G, 2 * (C // G) * S * x3.itemsize) else "split"
-    kernel = _bwd_nchw_fused if path == "fused" else _bwd_nchw_split
-    kernel(dy3, x3, mean, rstd, weight, bias, silu, one, config.CPU_CHUNK, dx3, db, dxh, coef)
+        path = choose_path(x3.size, N * G, 2 * (C // G) * S * x3.itemsize)
+    _BWD[path](dy3, x3, mean, rstd, weight, bias, silu, one, config.CPU_CHUNK, dx3, db, dxh, coef)
     return dxh, db
 
 
