@@ -35,6 +35,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 from . import config
 
@@ -50,18 +51,41 @@ _FM = {"reassoc", "nsz"}
 # --------------------------------------------------------------------------- helpers
 
 
+def _cast(a, v):
+    """v converted to a's element type (float32 arithmetic stays float32 in Numba only
+    when every operand is float32; Python numbers are float64)."""
+
+
+@overload(_cast, inline="always")
+def _cast_impl(a, v):
+    dtype = a.dtype
+
+    def impl(a, v):
+        return dtype(v)
+
+    return impl
+
+
 @njit(cache=True, fastmath=_FM)
 def _chunk_stats(a):
-    """Mean and sum of squared deviations of a chunk, two passes while it sits in L1."""
-    s = 0.0
-    for i in range(a.shape[0]):
+    """(mean, M2) of an L1-sized chunk, in float64: the corrected two-pass algorithm.
+
+    Pass 1 sums in x's dtype (float32 lanes: twice the SIMD width of float64, and the chunk
+    is short), pass 2 sums d = x - m and d*d around that rounded mean m; the sum of d then
+    removes m's rounding error exactly to first order (Chan, Golub & LeVeque, 1983):
+    mean = m + sum(d)/n, M2 = sum(d*d) - sum(d)**2/n. Chunks are merged in float64."""
+    n = a.shape[0]
+    s = _cast(a, 0)
+    for i in range(n):
         s += a[i]
-    m = s / a.shape[0]
-    q = 0.0
-    for i in range(a.shape[0]):
+    m = _cast(a, s / n)
+    d1 = _cast(a, 0)
+    q = _cast(a, 0)
+    for i in range(n):
         d = a[i] - m
+        d1 += d
         q += d * d
-    return m, q
+    return m + d1 / n, q - d1 * d1 / n
 
 
 @njit(inline="always")
@@ -139,9 +163,10 @@ def _silu_grad_row(xr, dyr, dzr, a, c0, m, one):
 
 @njit(cache=True, fastmath=_FM)
 def _row_sums(gr, xr, m):
-    """sum(g) and sum(g * (x - m)) over one chunk of a row, in float64."""
-    s1 = 0.0
-    s2 = 0.0
+    """sum(g) and sum(g * (x - m)) over one chunk of a row, accumulated in x's dtype (the
+    chunk is short); callers add the chunk results up in float64."""
+    s1 = _cast(xr, 0)
+    s2 = _cast(xr, 0)
     for s in range(xr.shape[0]):
         v = gr[s]
         s1 += v
