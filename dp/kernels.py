@@ -29,67 +29,75 @@ import numpy as np
 from numba import njit, prange
 
 from gnnumba import config
-from gnnumba.cpu import _FM, _chunk_stats, _merge, _row_sums, _rstd
+from gnnumba.cpu import (_FM, _cast, _cl_block_stats, _cl_merge, _group_stats, _row_sums)
 
 
-@njit(inline="always", fastmath=_FM)
+@njit(cache=True, fastmath=_FM)
 def _row_sums_silu(dyr, xr, a, c0, m, one):
-    """sum(dz) and sum(dz * (x - m)) over a row, dz = dy * silu'(z), z = x*a + c0.
-
-    z and silu' are evaluated in x's dtype (as the forward kernel does), sums in float64."""
-    s1 = 0.0
-    s2 = 0.0
+    """sum(dz) and sum(dz * (x - m)) over a row chunk, dz = dy * silu'(z), z = (x - m)*a + c0
+    (the forward kernel's form and rounding), accumulated in x's dtype like ``_row_sums``."""
+    s1 = _cast(xr, 0)
+    s2 = _cast(xr, 0)
     for s in range(xr.shape[0]):
-        z = xr[s] * a + c0
+        d = xr[s] - m
+        z = d * a + c0
         sg = one / (one + np.exp(-z))
         v = dyr[s] * (sg * (one + z * (one - sg)))
         s1 += v
-        s2 += v * (xr[s] - m)
+        s2 += v * d
     return s1, s2
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
-def _psg_nchw(x2, x3, dy3, eps, w, b, silu, one, chunk, coef, gw, gb):
-    """NCHW: one task per (n, g); statistics, then per-channel sums while the group is hot.
+@njit(inline="always")
+def _channel_sums(xr, dyr, coef, n, c, silu, one, chunk):
+    """(sum dz, sum dz*(x - mean)) of one row (n, c), chunk by chunk, added up in float64 in
+    chunk order (as the backward kernel does)."""
+    s1 = 0.0
+    s2 = 0.0
+    for lo in range(0, xr.shape[0], chunk):
+        hi = min(lo + chunk, xr.shape[0])
+        if silu:
+            a1, a2 = _row_sums_silu(dyr[lo:hi], xr[lo:hi], coef[n, 0, c], coef[n, 1, c],
+                                    coef[n, 2, c], one)
+        else:
+            a1, a2 = _row_sums(dyr[lo:hi], xr[lo:hi], coef[n, 2, c])
+        s1 += a1
+        s2 += a2
+    return s1, s2
 
-    ``coef`` (N, 3, C) in x's dtype holds the silu pre-activation coefficients (z = x*a + c0,
-    rounded to x's dtype exactly as the forward kernel rounds them) and the mean: x - mean is
-    formed in x's dtype, as gnnumba.cpu's backward does, and accumulated in float64."""
+
+@njit(inline="always")
+def _set_coefs(coef, n, g, Cg, mean, rstd, w, b):
+    """coef[n, :, c] = (rstd*gamma, beta, mean) in x's dtype: z = (x - mean)*a + c0."""
+    for c in range(g * Cg, (g + 1) * Cg):
+        coef[n, 0, c] = rstd * w[c]
+        coef[n, 1, c] = b[c]
+        coef[n, 2, c] = mean
+
+
+@njit(parallel=True, cache=True)
+def _psg_nchw(x2, x3, dy3, eps, w, b, silu, one, chunk, coef, gw, gb):
+    """NCHW: one task per (n, g): the group's statistics, then its per-channel sums while
+    the group is still in cache (x and dy are each read from DRAM once)."""
     N, C, S = x3.shape
-    G = x2.shape[0] // max(N, 1)
+    G = x2.shape[0] // N
     Cg = C // G
-    D = Cg * S
     for t in prange(N * G):
         n = t // G
         g = t - n * G
-        xg = x2[t]
-        cnt = 0
-        mu = 0.0
-        m2 = 0.0
-        for lo in range(0, D, chunk):
-            hi = min(lo + chunk, D)
-            m, q = _chunk_stats(xg[lo:hi])
-            cnt, mu, m2 = _merge(cnt, mu, m2, hi - lo, m, q)
-        r = _rstd(m2, D, eps)
+        mu, r = _group_stats(x2[t], chunk, eps)
+        _set_coefs(coef, n, g, Cg, mu, r, w, b)
         for c in range(g * Cg, (g + 1) * Cg):
-            coef[n, 2, c] = mu
-            if silu:
-                sc = r * w[c]
-                coef[n, 0, c] = sc
-                coef[n, 1, c] = b[c] - mu * sc
-                s1, s2 = _row_sums_silu(dy3[n, c], x3[n, c], coef[n, 0, c], coef[n, 1, c],
-                                        coef[n, 2, c], one)
-            else:
-                s1, s2 = _row_sums(dy3[n, c], x3[n, c], coef[n, 2, c])
+            s1, s2 = _channel_sums(x3[n, c], dy3[n, c], coef, n, c, silu, one, chunk)
             gb[n, c] = s1
             gw[n, c] = s2 * r
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, cache=True)
 def _psg_cl(x3, dy3, G, eps, w, b, silu, one, block, coef, gw, gb):
     """channels-last (N, S, C): fixed blocks of whole spatial positions per sample.
 
-    Pass 1 (per block): per-group block mean and M2 from per-channel accumulators.
+    Pass 1 (per block): per-group block mean and M2 (``gnnumba.cpu._cl_block_stats``).
     Merge (per (n, g)): Chan's formula in block order -> mean, rstd.
     Pass 2 (per block): per-channel partial sum(dz) and sum(dz * (x - mean)).
     Reduce (per (n, c)): partials summed in block order."""
@@ -101,54 +109,15 @@ def _psg_cl(x3, dy3, G, eps, w, b, silu, one, block, coef, gw, gb):
     pq = np.empty((N, nb, G))
     for t in prange(N * nb):
         n = t // nb
-        k = t - n * nb
-        s0 = k * sb
-        s1 = min(s0 + sb, S)
-        acc = np.zeros(C)
-        for s in range(s0, s1):
-            xr = x3[n, s]
-            for c in range(C):
-                acc[c] += xr[c]
-        cnt = (s1 - s0) * Cg
-        mc = np.empty(C)
-        for g in range(G):
-            tot = 0.0
-            for c in range(g * Cg, (g + 1) * Cg):
-                tot += acc[c]
-            pm[n, k, g] = tot / cnt
-            for c in range(g * Cg, (g + 1) * Cg):
-                mc[c] = tot / cnt
-        acc[:] = 0.0
-        for s in range(s0, s1):
-            xr = x3[n, s]
-            for c in range(C):
-                d = xr[c] - mc[c]
-                acc[c] += d * d
-        for g in range(G):
-            tot = 0.0
-            for c in range(g * Cg, (g + 1) * Cg):
-                tot += acc[c]
-            pq[n, k, g] = tot
-    mean = np.empty((N, C))  # per channel, so pass 2 runs vectorised along C
+        s0 = (t - n * nb) * sb
+        _cl_block_stats(x3[n, s0:min(s0 + sb, S)], Cg, pm[n, t - n * nb], pq[n, t - n * nb])
     rstd = np.empty((N, G))
-    D = Cg * S
     for ng in prange(N * G):
         n = ng // G
         g = ng - n * G
-        cnt = 0
-        mu = 0.0
-        m2 = 0.0
-        for k in range(nb):
-            s0 = k * sb
-            cnt, mu, m2 = _merge(cnt, mu, m2, (min(s0 + sb, S) - s0) * Cg, pm[n, k, g],
-                                 pq[n, k, g])
-        r = _rstd(m2, D, eps)
+        mu, r = _cl_merge(pm[n], pq[n], g, sb, S, Cg, eps)
         rstd[n, g] = r
-        for c in range(g * Cg, (g + 1) * Cg):
-            mean[n, c] = mu
-            sc = r * w[c]
-            coef[n, 0, c] = sc
-            coef[n, 1, c] = b[c] - mu * sc
+        _set_coefs(coef, n, g, Cg, mu, r, w, b)
     p = np.empty((N, nb, 2, C))
     for t in prange(N * nb):
         n = t // nb
@@ -160,22 +129,19 @@ def _psg_cl(x3, dy3, G, eps, w, b, silu, one, block, coef, gw, gb):
         a2[:] = 0.0
         za = coef[n, 0]
         zc = coef[n, 1]
-        m = mean[n]
+        m = coef[n, 2]
         for s in range(s0, min(s0 + sb, S)):
             xr = x3[n, s]
             gr = dy3[n, s]
-            if silu:
-                for c in range(C):
-                    z = xr[c] * za[c] + zc[c]
+            for c in range(C):
+                d = xr[c] - m[c]
+                v = gr[c]
+                if silu:
+                    z = d * za[c] + zc[c]
                     sg = one / (one + np.exp(-z))
-                    v = gr[c] * (sg * (one + z * (one - sg)))
-                    a1[c] += v
-                    a2[c] += v * (xr[c] - m[c])
-            else:
-                for c in range(C):
-                    v = gr[c]
-                    a1[c] += v
-                    a2[c] += v * (xr[c] - m[c])
+                    v = v * (sg * (one + z * (one - sg)))
+                a1[c] += v
+                a2[c] += v * d
     for nc in prange(N * C):
         n = nc // C
         c = nc - n * C
