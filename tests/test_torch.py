@@ -540,3 +540,15 @@ def test_cuda_gradcheck_float64():
     x = make_input((2, 6, 3, 2), "cl", torch.float64).cuda().requires_grad_()
     w, b = (p.cuda().requires_grad_() for p in make_params(6, torch.float64))
     assert torch.autograd.gradcheck(lambda *a: gt.group_norm(a[0], 3, a[1], a[2]), (x, w, b))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 0, 3), (0, 4, 3)], ids=["empty spatial", "N=0"])
+def test_empty_input_statistics_match_torch(shape):
+    """An empty group has mean 0 and no variance: rstd NaN, as torch.native_group_norm."""
+    x = torch.randn(shape)
+    y, mean, rstd = torch.ops.gnnumba.group_norm_fwd(x, 2, None, None, 1e-5, False)
+    y_t, mean_t, rstd_t = torch.native_group_norm(x, None, None, shape[0], 4,
+                                                  int(torch.tensor(shape[2:]).prod()), 2, 1e-5)
+    assert y.shape == y_t.shape
+    torch.testing.assert_close(mean.float(), mean_t, equal_nan=True)
+    torch.testing.assert_close(rstd.float(), rstd_t, equal_nan=True)

@@ -347,7 +347,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
 
     @cuda.jit
     def fill_stats(mean, rstd, rstd_value):
-        """Statistics of empty groups (no elements): mean 0, rstd 1/sqrt(eps)."""
+        """Statistics of empty groups (no elements): mean 0 and the given rstd (NaN)."""
         i = cuda.grid(1)
         if i < mean.shape[0]:
             mean[i] = 0

@@ -172,10 +172,11 @@ def _cuda_stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _empty_stats(x: Tensor, G: int, eps: float):
-    """mean/rstd for an empty input (N == 0 or an empty spatial dim), as gnnumba.api gives."""
+    """mean/rstd for an empty input (N == 0 or an empty spatial dim), as gnnumba.api and
+    torch.native_group_norm give: an empty group has mean 0 and no variance (rstd NaN)."""
     sdt = _stats_dtype(x)
     mean = x.new_zeros((x.shape[0], G), dtype=sdt)
-    rstd = torch.full_like(mean, 1.0 / eps**0.5 if eps > 0 else float("inf"))
+    rstd = torch.full_like(mean, float("nan"))
     return mean, rstd
 
 
