@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Turn ``gnnumba bench --json PATH`` output into the README's Markdown performance table.
 
-    gnnumba bench --json bench.json          # the measurement (minutes; --quick: < 1 min)
-    python scripts/readme_table.py bench.json > table.md
+    gnnumba bench --shapes tiny,sd-unet,video,dram --json bench.json
+    python scripts/readme_table.py bench.json --readme README.md
 
-The table names the machine it was measured on; paste it between the README's
-``<!-- bench-table -->`` markers.
+``--readme`` replaces what stands between README's ``<!-- bench-table -->`` and
+``<!-- /bench-table -->`` markers (without it the table goes to stdout). The table names the
+machine it was measured on: figures are regenerated, never typed in.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def table(report: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json_path", help="output of gnnumba bench --json")
+    ap.add_argument("--readme", help="write the table into this README between its markers")
     args = ap.parse_args(argv)
     try:
         with open(args.json_path) as f:
@@ -71,6 +73,10 @@ def main(argv=None) -> int:
         print(f"readme_table: cannot read {args.json_path} as `gnnumba bench --json` output "
               f"({type(e).__name__}: {e})", file=sys.stderr)
         return 1
+    if args.readme:
+        from readme_block import write_block  # scripts/ is on sys.path when run as a script
+
+        return write_block(args.readme, "bench-table", text)
     sys.stdout.write(text)
     return 0
 
