@@ -236,3 +236,24 @@ def test_strided_copy_kernel(small):
     ks.strided_copy[1, 32](cuda.to_device(src), 40, (-20, 3), dst, 0, (4, 1), (3, 4))
     want = np.array([[40 - 20 * i + 3 * j for j in range(4)] for i in range(3)], np.float32)
     assert np.array_equal(_host(dst).reshape(3, 4), want)
+
+
+@device
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("fused_items", [2, 64])  # split path and on-chip path
+def test_large_offset_tiny_variance(small, monkeypatch, cl, fused_items):
+    """x = 100 + 0.01*randn, and one element per group (variance 0, rstd = 1/sqrt(eps)):
+    folding the mean into the shift (x*a + (b - mean*a)) cancels catastrophically here."""
+    if SIM:
+        monkeypatch.setattr(config, "FUSED_ITEMS", fused_items)
+    rng = np.random.default_rng(11)
+    # y is O(1); the float32 mean of 100 + noise is off by ~1e-6, times rstd ~ 100. With one
+    # element per group x - mean is exact, so y = beta up to rounding.
+    for shape, G, atol in (((2, 4, 3, 5), 2, 1e-3), ((3, 4, 1, 1), 4, 1e-5)):
+        x = (100.0 + 0.01 * rng.standard_normal(shape)).astype(np.float32)
+        w = (1.0 + 0.1 * rng.standard_normal(shape[1])).astype(np.float32)
+        b = rng.standard_normal(shape[1]).astype(np.float32)
+        y, m, r = gc.group_norm_forward(_dev(x, cl), G, _dev(w), _dev(b), 1e-5)
+        yr, mr, rr = reference.forward(x, G, w, b, 1e-5)
+        np.testing.assert_allclose(_host(r), rr, rtol=1e-3)
+        np.testing.assert_allclose(_host(y), yr, atol=atol)

@@ -136,14 +136,16 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         return merge(cnt, mu, m2, nloc, m, q)
 
     @_device
-    def scale_shift(mu, r, w, b, has_w, has_b, c):
-        """y = x*a + sh reproduces gamma*(x - mean)*rstd + beta for channel c."""
+    def scale_shift(r, w, b, has_w, has_b, c):
+        """y = (x - mean)*a + sh is gamma*(x - mean)*rstd + beta for channel c. The mean stays
+        subtracted: the folded x*a + (beta - mean*a) cancels catastrophically when |mean|*rstd
+        is large (a near-constant group with an offset)."""
         a = r
         if has_w:
             a = r * acc(w[c])
-        sh = -mu * a
+        sh = acc(0)
         if has_b:
-            sh += acc(b[c])
+            sh = acc(b[c])
         return a, sh
 
     @_device
@@ -198,8 +200,8 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         ds = T % S
         for j in range(KF):
             if j * T + tid < D:
-                a, sh = scale_shift(mu, r, w, b, has_w, has_b, c)
-                y[base + j * T + tid] = activate(v[j] * a + sh)
+                a, sh = scale_shift(r, w, b, has_w, has_b, c)
+                y[base + j * T + tid] = activate((v[j] - mu) * a + sh)
             so += ds
             c += dc
             if so >= S:
@@ -321,12 +323,13 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         n = row // C
         c = row - n * C
         ng = n * G + c // (C // G)
-        a, sh = scale_shift(acc(mean[ng]), acc(rstd[ng]), w, b, has_w, has_b, c)
+        mu = acc(mean[ng])
+        a, sh = scale_shift(acc(rstd[ng]), w, b, has_w, has_b, c)
         s0 = cuda.blockIdx.y * colchunk
         s1 = min(s0 + colchunk, S)
         base = row * S
         for s in range(s0 + cuda.threadIdx.x, s1, cuda.blockDim.x):
-            y[base + s] = activate(acc(x[base + s]) * a + sh)
+            y[base + s] = activate((acc(x[base + s]) - mu) * a + sh)
 
     @cuda.jit
     def fwd_apply_cl(x, S, C, G, spos, nsb, mean, rstd, w, b, has_w, has_b, y):
@@ -338,12 +341,13 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         c = cuda.blockIdx.y * TC + cuda.threadIdx.x
         if c < C:
             ng = n * G + c // (C // G)
-            a, sh = scale_shift(acc(mean[ng]), acc(rstd[ng]), w, b, has_w, has_b, c)
+            mu = acc(mean[ng])
+            a, sh = scale_shift(acc(rstd[ng]), w, b, has_w, has_b, c)
             s0 = k * spos
             s1 = min(s0 + spos, S)
             base = n * S * C + c
             for s in range(s0 + cuda.threadIdx.y, s1, cuda.blockDim.y):
-                y[base + s * C] = activate(acc(x[base + s * C]) * a + sh)
+                y[base + s * C] = activate((acc(x[base + s * C]) - mu) * a + sh)
 
     @cuda.jit
     def fill_stats(mean, rstd, rstd_value):
@@ -368,7 +372,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         c = row - n * C
         ng = n * G + c // (C // G)
         mu = acc(mean[ng])
-        a, sh = scale_shift(mu, acc(rstd[ng]), w, b, has_w, has_b, c)
+        a, sh = scale_shift(acc(rstd[ng]), w, b, has_w, has_b, c)
         s0 = k * colchunk
         s1 = min(s0 + colchunk, S)
         base = row * S
@@ -377,7 +381,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         nt = cuda.blockDim.x  # a power of two <= T; short rows get small blocks
         for s in range(s0 + tid, s1, nt):
             xv = acc(x[base + s])
-            dz = grad_pre(acc(dy[base + s]), xv * a + sh)
+            dz = grad_pre(acc(dy[base + s]), (xv - mu) * a + sh)
             t1 += dz
             t2 += dz * (xv - mu)
         t1, t2 = block_sum2(tid, nt, t1, t2, s_a, s_b)
@@ -404,13 +408,13 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         if c < C:
             ng = n * G + c // (C // G)
             mu = acc(mean[ng])
-            a, sh = scale_shift(mu, acc(rstd[ng]), w, b, has_w, has_b, c)
+            a, sh = scale_shift(acc(rstd[ng]), w, b, has_w, has_b, c)
             s0 = k * spos
             s1 = min(s0 + spos, S)
             base = n * S * C + c
             for s in range(s0 + ty, s1, TS):
                 xv = acc(x[base + s * C])
-                dz = grad_pre(acc(dy[base + s * C]), xv * a + sh)
+                dz = grad_pre(acc(dy[base + s * C]), (xv - mu) * a + sh)
                 t1 += dz
                 t2 += dz * (xv - mu)
         s_a[ty * TC + tx] = t1
@@ -470,7 +474,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         ng = n * G + c // (C // G)
         mu = acc(mean[ng])
         r = acc(rstd[ng])
-        a, sh = scale_shift(mu, r, w, b, has_w, has_b, c)
+        a, sh = scale_shift(r, w, b, has_w, has_b, c)
         rw = r * acc(w[c]) if has_w else r
         q1 = k1[ng]
         q0 = k0[ng]
@@ -479,7 +483,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         base = row * S
         for s in range(s0 + cuda.threadIdx.x, s1, cuda.blockDim.x):
             xv = acc(x[base + s])
-            dz = grad_pre(acc(dy[base + s]), xv * a + sh)
+            dz = grad_pre(acc(dy[base + s]), (xv - mu) * a + sh)
             dx[base + s] = rw * dz + q1 * (xv - mu) + q0
 
     @cuda.jit
@@ -494,7 +498,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
             ng = n * G + c // (C // G)
             mu = acc(mean[ng])
             r = acc(rstd[ng])
-            a, sh = scale_shift(mu, r, w, b, has_w, has_b, c)
+            a, sh = scale_shift(r, w, b, has_w, has_b, c)
             rw = r * acc(w[c]) if has_w else r
             q1 = k1[ng]
             q0 = k0[ng]
@@ -503,7 +507,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
             base = n * S * C + c
             for s in range(s0 + cuda.threadIdx.y, s1, cuda.blockDim.y):
                 xv = acc(x[base + s * C])
-                dz = grad_pre(acc(dy[base + s * C]), xv * a + sh)
+                dz = grad_pre(acc(dy[base + s * C]), (xv - mu) * a + sh)
                 dx[base + s * C] = rw * dz + q1 * (xv - mu) + q0
 
     @cuda.jit
