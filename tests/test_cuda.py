@@ -7,6 +7,7 @@ is present. Shapes are tiny (the simulator runs every thread in Python) and the 
 configuration is lowered so they still span several blocks and partials per group.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -257,3 +258,29 @@ def test_large_offset_tiny_variance(small, monkeypatch, cl, fused_items):
         yr, mr, rr = reference.forward(x, G, w, b, 1e-5)
         np.testing.assert_allclose(_host(r), rr, rtol=1e-3)
         np.testing.assert_allclose(_host(y), yr, atol=atol)
+
+
+@device
+def test_workspace_allocator_serves_every_workspace(small):
+    """Inside launch.workspace_allocator every workspace comes from the given allocator (the
+    torch bridge passes torch's caching allocator), and the results do not change."""
+    x, dy, w, b = _inputs((2, 4, 5, 6), seed=7)
+    requests = []
+
+    def alloc(shape, dtype):
+        requests.append((shape, dtype))
+        return cuda.device_array(shape, dtype)
+
+    expected = None
+    for use in (False, True):
+        ctx = launch.workspace_allocator(alloc) if use else contextlib.nullcontext()
+        with ctx:
+            y, m, r = gc.group_norm_forward(_dev(x), 2, _dev(w), _dev(b), 1e-5)
+            dx, dw, db = gc.group_norm_backward(_dev(dy), _dev(x), m, r, 2, _dev(w), _dev(b))
+        got = [_host(a) for a in (y, m, r, dx, dw, db)]
+        if expected is None:
+            expected = got
+            assert not requests
+    assert requests, "no workspace was requested from the allocator"
+    for a, e in zip(got, expected):
+        np.testing.assert_array_equal(a, e)

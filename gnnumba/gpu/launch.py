@@ -13,6 +13,8 @@ kernels index those views directly (see ``kernels``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import numpy as np
@@ -151,12 +153,42 @@ def _layout(shape, strides):
     return None
 
 
+_ALLOCATOR = contextvars.ContextVar("gnnumba_gpu_allocator", default=None)
+
+
+@contextlib.contextmanager
+def workspace_allocator(alloc):
+    """Inside this block, every device array gnnumba allocates (partials, copies of other
+    strides) comes from ``alloc(shape, numpy_dtype)``, which returns a CUDA array (e.g.
+    ``torch.empty(..., device="cuda")``). The torch bridge uses it so no call reaches
+    cudaMalloc: torch's caching allocator hands out stream-ordered blocks, safe to free as
+    soon as the kernels using them are enqueued on that stream."""
+    token = _ALLOCATOR.set(alloc)
+    try:
+        yield
+    finally:
+        _ALLOCATOR.reset(token)
+
+
+def device_array(shape, dtype, stream=0):
+    """A C-contiguous device array from the current workspace allocator (Numba's if none)."""
+    alloc = _ALLOCATOR.get()
+    if alloc is None:
+        return cuda.device_array(shape, dtype=dtype, stream=stream)
+    a = alloc(tuple(shape) if isinstance(shape, tuple) else (shape,), np.dtype(dtype))
+    if getattr(a, "__cuda_ndarray__", False):
+        return a
+    if SIMULATOR:  # the simulator's "device" memory is host memory (tests hand torch CPU tensors)
+        return FakeCUDAArray(np.asarray(a))
+    return cuda.as_cuda_array(a, sync=False)
+
+
 def empty(shape, dtype, layout, stream=0):
     """Uninitialised device array of ``shape`` whose memory follows ``layout``."""
     if layout == NCHW or len(shape) < 3:
-        return cuda.device_array(shape, dtype=dtype, stream=stream)
+        return device_array(shape, dtype, stream)
     mem_shape = (shape[0],) + tuple(shape[2:]) + (shape[1],)
-    base = cuda.device_array(mem_shape, dtype=dtype, stream=stream)
+    base = device_array(mem_shape, dtype, stream)
     if SIMULATOR:
         return FakeCUDAArray(np.moveaxis(base._ary, -1, 1))
     s = base.strides
@@ -415,9 +447,9 @@ def _forward(xa, G, wa, ba, eps, activation, ya, ma, ra, st):
 
 
 def _partials(rows, cols, accd, st):
-    return (cuda.device_array((rows, cols), np.int64, stream=st),
-            cuda.device_array((rows, cols), accd, stream=st),
-            cuda.device_array((rows, cols), accd, stream=st))
+    return (device_array((rows, cols), np.int64, st),
+            device_array((rows, cols), accd, st),
+            device_array((rows, cols), accd, st))
 
 
 # --------------------------------------------------------------------------- backward
@@ -500,12 +532,12 @@ def _backward_sums_dx(ks, dya, xa, ma, ra, G, wa, ba, dxa, dwn, dbn, accd, st):
     w = wa.flat() if wa is not None else x
     b = ba.flat() if ba is not None else x
     hw, hb = wa is not None, ba is not None
-    k1 = cuda.device_array(N * G, accd, stream=st)
-    k0 = cuda.device_array(N * G, accd, stream=st)
+    k1 = device_array(N * G, accd, st)
+    k0 = device_array(N * G, accd, st)
     if xa.layout == NCHW:
         bt, colchunk, ncol = _row_plan(S, N * C, T, min_blocks=config.TARGET_BLOCKS)
-        p1 = cuda.device_array((N * C, ncol), accd, stream=st)
-        p2 = cuda.device_array((N * C, ncol), accd, stream=st)
+        p1 = device_array((N * C, ncol), accd, st)
+        p2 = device_array((N * C, ncol), accd, st)
         ks.bwd_sums_nchw[(N * C, ncol), bt, st](dy, x, C, G, S, colchunk, mean, rstd, w, b,
                                                 hw, hb, p1, p2)
         ks.bwd_finalize[N * G, T, st](p1, p2, C, G, S, rstd, w, hw, dwn, dbn, k1, k0)
@@ -514,8 +546,8 @@ def _backward_sums_dx(ks, dya, xa, ma, ra, G, wa, ba, dxa, dwn, dbn, accd, st):
                                               hb, k1, k0, dx)
         return
     TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, config.ITEMS, split=True)
-    p1 = cuda.device_array((N * C, nsb), accd, stream=st)
-    p2 = cuda.device_array((N * C, nsb), accd, stream=st)
+    p1 = device_array((N * C, nsb), accd, st)
+    p2 = device_array((N * C, nsb), accd, st)
     ks.bwd_sums_cl[(N * nsb, nct), (TC, TS), st](dy, x, S, C, G, spos, nsb, mean, rstd, w, b,
                                                  hw, hb, p1, p2)
     ks.bwd_finalize[N * G, T, st](p1, p2, C, G, S, rstd, w, hw, dwn, dbn, k1, k0)

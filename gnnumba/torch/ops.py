@@ -271,6 +271,16 @@ def _on_device(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _torch_allocator(device: torch.device):
+    """Workspaces (partials) from torch's caching allocator instead of cudaMalloc per call;
+    allocated on the current stream, where the kernels run, so freeing them is safe."""
+
+    def alloc(shape, dtype):
+        return torch.empty(shape, dtype=getattr(torch, dtype.name), device=device)
+
+    return alloc
+
+
 def _cuda_param(p: Optional[Tensor], dtype: torch.dtype):
     """launch_* want parameters in x's dtype and contiguous."""
     return None if p is None else p.detach().to(dtype).contiguous()
@@ -289,7 +299,7 @@ def _cuda_forward(x: Tensor, G: int, weight, bias, eps: float, silu: bool):
     sdt = _cuda_stats_dtype(x.dtype)
     mean = x.new_empty((x.shape[0], G), dtype=sdt)
     rstd = torch.empty_like(mean)
-    with _on_device(x.device):
+    with _on_device(x.device), launch.workspace_allocator(_torch_allocator(x.device)):
         launch.launch_forward(x, G, _cuda_param(weight, x.dtype), _cuda_param(bias, x.dtype),
                               eps, _ACTIVATION[silu], y, mean, rstd,
                               stream=_numba_stream(x.device))
@@ -316,7 +326,7 @@ def _cuda_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bi
     dbias_n = torch.empty_like(dweight_n)
     dweight = x.new_empty(C)
     dbias = x.new_empty(C)
-    with _on_device(x.device):
+    with _on_device(x.device), launch.workspace_allocator(_torch_allocator(x.device)):
         launch.launch_backward(dy, x, mean.detach().to(sdt).contiguous(),
                                rstd.detach().to(sdt).contiguous(), mean.shape[1],
                                _cuda_param(weight, x.dtype), _cuda_param(bias, x.dtype),
