@@ -384,29 +384,32 @@ def _bwd_nchw_split(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, c
 
 @njit(inline="always")
 def _cl_block_stats(xb, Cg, pm, pq):
-    """Per-group mean and M2 of one block (positions, C) of a channels-last sample, into
-    pm[g], pq[g]. Two passes over the block (it stays in L2), per-channel float64
-    accumulators vectorised along C."""
+    """Per-group (mean, M2) of one block (positions, C) of a channels-last sample, into
+    pm[g], pq[g]: the corrected two-pass algorithm of ``_chunk_stats`` with per-channel
+    accumulators in x's dtype, vectorised along C (the block stays in L2 between passes)."""
     P, C = xb.shape
     G = C // Cg
-    acc = np.zeros(C)
+    acc = np.zeros(C, dtype=xb.dtype)
     for s in range(P):
         xr = xb[s]
         for c in range(C):
             acc[c] += xr[c]
-    mc = np.empty(C)
+    mc = np.empty(C, dtype=xb.dtype)
     for g in range(G):
-        m = acc[g * Cg:(g + 1) * Cg].sum() / (P * Cg)
-        pm[g] = m
-        mc[g * Cg:(g + 1) * Cg] = m
-    acc[:] = 0.0
+        mc[g * Cg:(g + 1) * Cg] = acc[g * Cg:(g + 1) * Cg].sum(dtype=np.float64) / (P * Cg)
+    acc[:] = 0
+    acc2 = np.zeros(C, dtype=xb.dtype)
     for s in range(P):
         xr = xb[s]
         for c in range(C):
             d = xr[c] - mc[c]
-            acc[c] += d * d
+            acc[c] += d
+            acc2[c] += d * d
     for g in range(G):
-        pq[g] = acc[g * Cg:(g + 1) * Cg].sum()
+        n = P * Cg
+        d1 = acc[g * Cg:(g + 1) * Cg].sum(dtype=np.float64)
+        pm[g] = mc[g * Cg] + d1 / n
+        pq[g] = acc2[g * Cg:(g + 1) * Cg].sum(dtype=np.float64) - d1 * d1 / n
 
 
 @njit(inline="always")
@@ -422,35 +425,72 @@ def _cl_merge(pm, pq, g, sb, S, Cg, eps):
     return mu, _rstd(m2, S * Cg, eps)
 
 
+# Each channels-last kernel is a few passes over tasks; a task body is an inline helper so
+# that the parallel kernel (prange) and the serial one for small inputs (range) share it.
+
+
+@njit(inline="always")
+def _cl_blocking(S, C, block):
+    sb = max(1, block // max(C, 1))  # whole spatial positions per block
+    return sb, (S + sb - 1) // sb
+
+
+@njit(inline="always")
+def _fwd_cl_stats_task(t, x3, sb, nb, Cg, pm, pq):
+    n = t // nb
+    k = t - n * nb
+    s0 = k * sb
+    _cl_block_stats(x3[n, s0:min(s0 + sb, x3.shape[1])], Cg, pm[n, k], pq[n, k])
+
+
+@njit(inline="always")
+def _fwd_cl_merge_task(ng, pm, pq, sb, S, Cg, eps, w, b, mean, rstd, coef):
+    G = mean.shape[1]
+    n = ng // G
+    g = ng - n * G
+    mu, r = _cl_merge(pm[n], pq[n], g, sb, S, Cg, eps)
+    mean[n, g] = mu
+    rstd[n, g] = r
+    _set_forward_coefs(coef, n, g, Cg, mu, r, w, b)
+
+
+@njit(inline="always")
+def _fwd_cl_apply_task(t, x3, y3, sb, nb, coef, one, silu):
+    n = t // nb
+    s0 = (t - n * nb) * sb
+    for s in range(s0, min(s0 + sb, x3.shape[1])):
+        _apply_cl_row(x3[n, s], y3[n, s], coef[n, 0], coef[n, 1], coef[n, 2], one, silu)
+
+
 @njit(parallel=True, cache=True)
 def _fwd_cl(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
     N, S, C = x3.shape
     G = mean.shape[1]
-    Cg = C // G
-    sb = max(1, block // max(C, 1))  # spatial positions per block
-    nb = (S + sb - 1) // sb
+    sb, nb = _cl_blocking(S, C, block)
     pm = np.empty((N, nb, G))
     pq = np.empty((N, nb, G))
     for t in prange(N * nb):
-        n = t // nb
-        k = t - n * nb
-        s0 = k * sb
-        _cl_block_stats(x3[n, s0:min(s0 + sb, S)], Cg, pm[n, k], pq[n, k])
+        _fwd_cl_stats_task(t, x3, sb, nb, C // G, pm, pq)
     for ng in prange(N * G):
-        n = ng // G
-        g = ng - n * G
-        mu, r = _cl_merge(pm[n], pq[n], g, sb, S, Cg, eps)
-        mean[n, g] = mu
-        rstd[n, g] = r
-        _set_forward_coefs(coef, n, g, Cg, mu, r, w, b)
+        _fwd_cl_merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
     for t in prange(N * nb):
-        n = t // nb
-        s0 = (t - n * nb) * sb
-        sc = coef[n, 0]
-        sh = coef[n, 1]
-        m = coef[n, 2]
-        for s in range(s0, min(s0 + sb, S)):
-            _apply_cl_row(x3[n, s], y3[n, s], sc, sh, m, one, silu)
+        _fwd_cl_apply_task(t, x3, y3, sb, nb, coef, one, silu)
+
+
+@njit(cache=True)
+def _fwd_cl_serial(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
+    """``_fwd_cl`` on the calling thread (small inputs)."""
+    N, S, C = x3.shape
+    G = mean.shape[1]
+    sb, nb = _cl_blocking(S, C, block)
+    pm = np.empty((N, nb, G))
+    pq = np.empty((N, nb, G))
+    for t in range(N * nb):
+        _fwd_cl_stats_task(t, x3, sb, nb, C // G, pm, pq)
+    for ng in range(N * G):
+        _fwd_cl_merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
+    for t in range(N * nb):
+        _fwd_cl_apply_task(t, x3, y3, sb, nb, coef, one, silu)
 
 
 @njit(inline="always")
@@ -464,69 +504,103 @@ def _apply_cl_row(xr, yr, sc, sh, m, one, silu):
             yr[c] = (xr[c] - m[c]) * sc[c] + sh[c]
 
 
+@njit(inline="always")
+def _bwd_cl_coef_task(nc, mean, rstd, w, b, coef):
+    C = coef.shape[2]
+    n = nc // C
+    c = nc - n * C
+    g = c // (C // mean.shape[1])
+    coef[n, 0, c], coef[n, 1, c] = _dz_coefs(rstd[n, g], w, b, c)
+    coef[n, 2, c] = mean[n, g]
+
+
+@njit(inline="always")
+def _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, dx3):
+    """Per-channel partial sum(dz) and sum(dz*(x - mean)) of one block, into p[n, k]."""
+    n = t // nb
+    k = t - n * nb
+    s0 = k * sb
+    a1 = p[n, k, 0]
+    a2 = p[n, k, 1]
+    a1[:] = 0.0
+    a2[:] = 0.0
+    m = coef[n, 2]
+    for s in range(s0, min(s0 + sb, x3.shape[1])):
+        xr = x3[n, s]
+        gr = dy3[n, s]
+        if silu:
+            dzr = dx3[n, s]  # park dz in dx; the dx pass reads it back
+            _silu_grad_cl_row(xr, gr, dzr, coef[n, 0], coef[n, 1], m, one)
+            gr = dzr
+        for c in range(xr.shape[0]):
+            v = gr[c]
+            a1[c] += v
+            a2[c] += v * (xr[c] - m[c])
+
+
+@njit(inline="always")
+def _bwd_cl_reduce_task(ng, p, mean, rstd, w, M, db, dxh, coef):
+    G = mean.shape[1]
+    Cg = coef.shape[2] // G
+    n = ng // G
+    g = ng - n * G
+    r = rstd[n, g]
+    for c in range(g * Cg, (g + 1) * Cg):
+        s1 = 0.0
+        s2 = 0.0
+        for k in range(p.shape[1]):
+            s1 += p[n, k, 0, c]
+            s2 += p[n, k, 1, c]
+        db[n, c] = s1
+        dxh[n, c] = s2 * r
+    _set_backward_coefs(coef, n, g, Cg, M, mean[n, g], r, w, db, dxh)
+
+
+@njit(inline="always")
+def _bwd_cl_dx_task(t, dy3, x3, sb, nb, silu, coef, dx3):
+    n = t // nb
+    s0 = (t - n * nb) * sb
+    a = coef[n, 0]
+    k1 = coef[n, 1]
+    m = coef[n, 2]
+    k0 = coef[n, 3]
+    for s in range(s0, min(s0 + sb, x3.shape[1])):
+        xr = x3[n, s]
+        gr = dx3[n, s] if silu else dy3[n, s]
+        dxr = dx3[n, s]
+        for c in range(xr.shape[0]):
+            dxr[c] = a[c] * gr[c] + k1[c] * (xr[c] - m[c]) + k0[c]
+
+
 @njit(parallel=True, cache=True)
 def _bwd_cl(dy3, x3, mean, rstd, w, b, silu, one, block, dx3, db, dxh, coef):
     N, S, C = x3.shape
-    G = mean.shape[1]
-    Cg = C // G
-    M = Cg * S
-    sb = max(1, block // max(C, 1))
-    nb = (S + sb - 1) // sb
-    for nc in prange(N * C):
-        n = nc // C
-        c = nc - n * C
-        g = c // Cg
-        coef[n, 0, c], coef[n, 1, c] = _dz_coefs(rstd[n, g], w, b, c)
-        coef[n, 2, c] = mean[n, g]
+    sb, nb = _cl_blocking(S, C, block)
     p = np.empty((N, nb, 2, C))
+    for nc in prange(N * C):
+        _bwd_cl_coef_task(nc, mean, rstd, w, b, coef)
     for t in prange(N * nb):
-        n = t // nb
-        k = t - n * nb
-        s0 = k * sb
-        a1 = p[n, k, 0]
-        a2 = p[n, k, 1]
-        a1[:] = 0.0
-        a2[:] = 0.0
-        za = coef[n, 0]
-        zc = coef[n, 1]
-        m = coef[n, 2]
-        for s in range(s0, min(s0 + sb, S)):
-            xr = x3[n, s]
-            gr = dy3[n, s]
-            if silu:
-                dzr = dx3[n, s]
-                _silu_grad_cl_row(xr, gr, dzr, za, zc, m, one)
-                gr = dzr
-            for c in range(C):
-                v = gr[c]
-                a1[c] += v
-                a2[c] += v * (xr[c] - m[c])
-    for ng in prange(N * G):
-        n = ng // G
-        g = ng - n * G
-        r = rstd[n, g]
-        for c in range(g * Cg, (g + 1) * Cg):
-            s1 = 0.0
-            s2 = 0.0
-            for k in range(nb):
-                s1 += p[n, k, 0, c]
-                s2 += p[n, k, 1, c]
-            db[n, c] = s1
-            dxh[n, c] = s2 * r
-        _set_backward_coefs(coef, n, g, Cg, M, mean[n, g], r, w, db, dxh)
+        _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, dx3)
+    for ng in prange(mean.size):
+        _bwd_cl_reduce_task(ng, p, mean, rstd, w, C // mean.shape[1] * S, db, dxh, coef)
     for t in prange(N * nb):
-        n = t // nb
-        s0 = (t - n * nb) * sb
-        a = coef[n, 0]
-        k1 = coef[n, 1]
-        m = coef[n, 2]
-        k0 = coef[n, 3]
-        for s in range(s0, min(s0 + sb, S)):
-            xr = x3[n, s]
-            gr = dx3[n, s] if silu else dy3[n, s]
-            dxr = dx3[n, s]
-            for c in range(C):
-                dxr[c] = a[c] * gr[c] + k1[c] * (xr[c] - m[c]) + k0[c]
+        _bwd_cl_dx_task(t, dy3, x3, sb, nb, silu, coef, dx3)
+
+
+@njit(cache=True)
+def _bwd_cl_serial(dy3, x3, mean, rstd, w, b, silu, one, block, dx3, db, dxh, coef):
+    """``_bwd_cl`` on the calling thread (small inputs)."""
+    N, S, C = x3.shape
+    sb, nb = _cl_blocking(S, C, block)
+    p = np.empty((N, nb, 2, C))
+    for nc in range(N * C):
+        _bwd_cl_coef_task(nc, mean, rstd, w, b, coef)
+    for t in range(N * nb):
+        _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, dx3)
+    for ng in range(mean.size):
+        _bwd_cl_reduce_task(ng, p, mean, rstd, w, C // mean.shape[1] * S, db, dxh, coef)
+    for t in range(N * nb):
+        _bwd_cl_dx_task(t, dy3, x3, sb, nb, silu, coef, dx3)
 
 
 @njit(parallel=True, cache=True)
@@ -578,7 +652,8 @@ def forward(x3, num_groups, weight, bias, eps, silu, y3, channels_last, path=Non
     coef = np.empty((N, 3, C), dtype=x3.dtype)
     one = x3.dtype.type(1)
     if channels_last:
-        _fwd_cl(x3, weight, bias, eps, silu, one, config.CPU_CL_BLOCK, y3, mean, rstd, coef)
+        kernel = _fwd_cl_serial if x3.size < config.CPU_SERIAL_MAX_ELEMENTS else _fwd_cl
+        kernel(x3, weight, bias, eps, silu, one, config.CPU_CL_BLOCK, y3, mean, rstd, coef)
         return mean, rstd
     D = (C // G) * S
     x2 = x3.reshape(N * G, D)
@@ -601,7 +676,8 @@ def backward(dy3, x3, mean, rstd, weight, bias, silu, dx3, channels_last, path=N
     coef = np.empty((N, 4, C), dtype=x3.dtype)
     one = x3.dtype.type(1)
     if channels_last:
-        _bwd_cl(dy3, x3, mean, rstd, weight, bias, silu, one, config.CPU_CL_BLOCK, dx3, db,
+        kernel = _bwd_cl_serial if x3.size < config.CPU_SERIAL_MAX_ELEMENTS else _bwd_cl
+        kernel(dy3, x3, mean, rstd, weight, bias, silu, one, config.CPU_CL_BLOCK, dx3, db,
                 dxh, coef)
         return dxh, db
     if path is None:
