@@ -18,6 +18,19 @@ class GroupNormError(ValueError):
     """Raised for a bad GroupNorm argument (a ValueError, so callers can catch either)."""
 
 
+def is_cuda_array(x) -> bool:
+    """True for what the CUDA backend takes: Numba device arrays (the simulator's have no
+    ``__cuda_array_interface__``) and anything with ``__cuda_array_interface__``."""
+    if isinstance(x, np.ndarray):
+        return False
+    if getattr(x, "__cuda_ndarray__", False):
+        return True
+    try:
+        return hasattr(x, "__cuda_array_interface__")
+    except Exception:  # torch raises TypeError for bfloat16 CUDA tensors
+        return True  # the CUDA backend then raises its clear bfloat16 TypeError
+
+
 def valid_group_counts(num_channels: int) -> list[int]:
     return [g for g in range(1, num_channels + 1) if num_channels % g == 0]
 

@@ -16,17 +16,7 @@ CPU_DTYPES = (np.float32, np.float64)
 # --------------------------------------------------------------------------- dispatch
 
 
-def _is_cuda_array(x) -> bool:
-    """True for objects the CUDA backend takes: Numba device arrays (the simulator's have no
-    ``__cuda_array_interface__``) and anything with ``__cuda_array_interface__``."""
-    if isinstance(x, np.ndarray):
-        return False
-    if getattr(x, "__cuda_ndarray__", False):
-        return True
-    try:
-        return hasattr(x, "__cuda_array_interface__")
-    except Exception:  # torch raises TypeError for bfloat16 CUDA tensors
-        return True  # the CUDA backend then raises its clear bfloat16 TypeError
+_is_cuda_array = _checks.is_cuda_array
 
 
 def _cuda_backend():

@@ -38,16 +38,7 @@ else:
 # --------------------------------------------------------------------------- arrays
 
 
-def is_device_array(a) -> bool:
-    """Numba device arrays (real or simulated) and CUDA-array-interface objects."""
-    if isinstance(a, np.ndarray):
-        return False
-    if getattr(a, "__cuda_ndarray__", False):
-        return True
-    try:
-        return hasattr(a, "__cuda_array_interface__")
-    except Exception:  # torch raises TypeError for bfloat16 tensors
-        return True
+is_device_array = _checks.is_cuda_array  # Numba device arrays (real or simulated), CAI objects
 
 
 class DevArray:
