@@ -32,6 +32,8 @@ depend on the number of threads.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -603,11 +605,12 @@ def _bwd_cl_serial(dy3, x3, mean, rstd, w, b, silu, one, block, dx3, db, dxh, co
         _bwd_cl_dx_task(t, dy3, x3, sb, nb, silu, coef, dx3)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _reduce_params(dxh, db, dw_out, db_out):
-    """dgamma[c] = sum_n dxh[n, c], dbeta[c] = sum_n db[n, c], in order of n."""
+    """dgamma[c] = sum_n dxh[n, c], dbeta[c] = sum_n db[n, c], in order of n. Serial: N*C
+    numbers, less work than waking the thread pool."""
     N, C = db.shape
-    for c in prange(C):
+    for c in range(C):
         s1 = 0.0
         s2 = 0.0
         for n in range(N):
@@ -620,11 +623,40 @@ def _reduce_params(dxh, db, dw_out, db_out):
 # --------------------------------------------------------------------------- host side
 
 
+# GNU OpenMP (Numba's "omp" layer, picked when TBB is absent) cannot run in a child forked
+# after the parent used it: the child is terminated ("fork() called from a process already
+# using GNU OpenMP"). torch DataLoader workers are such children, so there every call takes
+# the serial kernels, which give the same bits.
+_PARALLEL_SAFE = True
+_PARENT_USED_OMP = False
+
+
+def _before_fork():
+    global _PARENT_USED_OMP
+    try:
+        _PARENT_USED_OMP = numba.threading_layer() == "omp"
+    except ValueError:  # no parallel region has run yet: nothing to inherit
+        _PARENT_USED_OMP = False
+
+
+def _after_fork_in_child():
+    global _PARALLEL_SAFE
+    _PARALLEL_SAFE = _PARALLEL_SAFE and not _PARENT_USED_OMP
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def run_serially(x_size: int) -> bool:
+    """Small inputs (below torch's grain size, 32768 elements: waking the pool costs more than
+    the work, and a busy core would stall the call) and forked children of OpenMP users."""
+    return x_size < config.CPU_SERIAL_MAX_ELEMENTS or not _PARALLEL_SAFE
+
+
 def choose_path(x_size: int, num_groups_total: int, group_bytes: int) -> str:
-    """NCHW path: "serial" below torch's grain size (32768 elements: waking the pool costs
-    more than the work, and a busy core would stall the call), "fused" when every thread gets
-    several whole groups that fit in L2, else "split". All three give bit-identical results."""
-    if x_size < config.CPU_SERIAL_MAX_ELEMENTS:
+    """NCHW path: "serial" (see ``run_serially``), "fused" when every thread gets several
+    whole groups that fit in L2, else "split". All three give bit-identical results."""
+    if run_serially(x_size):
         return "serial"  # decided first: numba.get_num_threads() costs ~1.4 us
     if (num_groups_total >= config.CPU_FUSED_MIN_TASKS_PER_THREAD * numba.get_num_threads()
             and group_bytes <= config.CPU_FUSED_MAX_BYTES):
@@ -652,7 +684,7 @@ def forward(x3, num_groups, weight, bias, eps, silu, y3, channels_last, path=Non
     coef = np.empty((N, 3, C), dtype=x3.dtype)
     one = x3.dtype.type(1)
     if channels_last:
-        kernel = _fwd_cl_serial if x3.size < config.CPU_SERIAL_MAX_ELEMENTS else _fwd_cl
+        kernel = _fwd_cl_serial if run_serially(x3.size) else _fwd_cl
         kernel(x3, weight, bias, eps, silu, one, config.CPU_CL_BLOCK, y3, mean, rstd, coef)
         return mean, rstd
     D = (C // G) * S
@@ -676,7 +708,7 @@ def backward(dy3, x3, mean, rstd, weight, bias, silu, dx3, channels_last, path=N
     coef = np.empty((N, 4, C), dtype=x3.dtype)
     one = x3.dtype.type(1)
     if channels_last:
-        kernel = _bwd_cl_serial if x3.size < config.CPU_SERIAL_MAX_ELEMENTS else _bwd_cl
+        kernel = _bwd_cl_serial if run_serially(x3.size) else _bwd_cl
         kernel(dy3, x3, mean, rstd, weight, bias, silu, one, config.CPU_CL_BLOCK, dx3, db,
                 dxh, coef)
         return dxh, db

@@ -397,3 +397,32 @@ def test_second_process_does_not_recompile():
         assert proc.returncode == 0, proc.stderr[-2000:]
     misses, hits = map(int, proc.stdout.split())
     assert misses == 0 and hits >= 2
+
+
+def test_forked_child_after_parallel_use_still_works():
+    """A child forked after the parent ran parallel kernels (torch DataLoader workers) must
+    not be terminated by GNU OpenMP; it takes the serial kernels and gets the same bits."""
+    code = textwrap.dedent("""
+        import multiprocessing as mp, numpy as np, gnnumba
+        x = np.random.default_rng(0).standard_normal((4, 64, 32, 32)).astype(np.float32)
+        xc = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+        def run():
+            out = []
+            for a in (x, xc):
+                y, m, r = gnnumba.group_norm_forward(a, 32)
+                out += [y, *gnnumba.group_norm_backward(a, a, m, r, 32)]
+            return out
+        parent = run()
+        def child(q):
+            q.put(all(np.array_equal(a, b) for a, b in zip(run(), parent)))
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        p.join(120)
+        print(p.exitcode, q.get(timeout=5) if p.exitcode == 0 else None)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["0", "True"], proc.stdout + proc.stderr[-2000:]
