@@ -29,7 +29,8 @@ import numpy as np
 from numba import njit, prange
 
 from gnnumba import config
-from gnnumba.cpu import (_FM, _cast, _cl_block_stats, _cl_merge, _group_stats, _row_sums)
+from gnnumba.cpu import (_FM, _cast, _cl_blocking, _cl_merge, _fwd_cl_stats_task, _group_stats,
+                         _row_sums)
 
 
 @njit(cache=True, fastmath=_FM)
@@ -97,20 +98,18 @@ def _psg_nchw(x2, x3, dy3, eps, w, b, silu, one, chunk, coef, gw, gb):
 def _psg_cl(x3, dy3, G, eps, w, b, silu, one, block, coef, gw, gb):
     """channels-last (N, S, C): fixed blocks of whole spatial positions per sample.
 
-    Pass 1 (per block): per-group block mean and M2 (``gnnumba.cpu._cl_block_stats``).
+    Pass 1 (per block): per-group block mean and M2 (``gnnumba.cpu._fwd_cl_stats_task``).
     Merge (per (n, g)): Chan's formula in block order -> mean, rstd.
     Pass 2 (per block): per-channel partial sum(dz) and sum(dz * (x - mean)).
     Reduce (per (n, c)): partials summed in block order."""
     N, S, C = x3.shape
     Cg = C // G
-    sb = max(1, block // max(C, 1))  # spatial positions per block
-    nb = (S + sb - 1) // sb
+    sb, nb = _cl_blocking(S, C, block)
     pm = np.empty((N, nb, G))
     pq = np.empty((N, nb, G))
+    scratch = np.empty((N * nb, 3, C), dtype=x3.dtype)
     for t in prange(N * nb):
-        n = t // nb
-        s0 = (t - n * nb) * sb
-        _cl_block_stats(x3[n, s0:min(s0 + sb, S)], Cg, pm[n, t - n * nb], pq[n, t - n * nb])
+        _fwd_cl_stats_task(t, x3, sb, nb, Cg, pm, pq, scratch)
     rstd = np.empty((N, G))
     for ng in prange(N * G):
         n = ng // G

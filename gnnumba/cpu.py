@@ -385,22 +385,22 @@ def _bwd_nchw_split(dy3, x3, mean, rstd, w, b, silu, one, chunk, dx3, db, dxh, c
 
 
 @njit(inline="always")
-def _cl_block_stats(xb, Cg, pm, pq):
+def _cl_block_stats(xb, Cg, pm, pq, acc, acc2, mc):
     """Per-group (mean, M2) of one block (positions, C) of a channels-last sample, into
     pm[g], pq[g]: the corrected two-pass algorithm of ``_chunk_stats`` with per-channel
-    accumulators in x's dtype, vectorised along C (the block stays in L2 between passes)."""
+    accumulators in x's dtype, vectorised along C (the block stays in L2 between passes).
+    ``acc``, ``acc2``, ``mc`` are (C,) scratch rows in x's dtype."""
     P, C = xb.shape
     G = C // Cg
-    acc = np.zeros(C, dtype=xb.dtype)
+    acc[:] = 0
     for s in range(P):
         xr = xb[s]
         for c in range(C):
             acc[c] += xr[c]
-    mc = np.empty(C, dtype=xb.dtype)
     for g in range(G):
         mc[g * Cg:(g + 1) * Cg] = acc[g * Cg:(g + 1) * Cg].sum(dtype=np.float64) / (P * Cg)
     acc[:] = 0
-    acc2 = np.zeros(C, dtype=xb.dtype)
+    acc2[:] = 0
     for s in range(P):
         xr = xb[s]
         for c in range(C):
@@ -438,11 +438,13 @@ def _cl_blocking(S, C, block):
 
 
 @njit(inline="always")
-def _fwd_cl_stats_task(t, x3, sb, nb, Cg, pm, pq):
+def _fwd_cl_stats_task(t, x3, sb, nb, Cg, pm, pq, scratch):
     n = t // nb
     k = t - n * nb
     s0 = k * sb
-    _cl_block_stats(x3[n, s0:min(s0 + sb, x3.shape[1])], Cg, pm[n, k], pq[n, k])
+    sc = scratch[t]  # this task's own rows: no allocation inside the parallel loop
+    _cl_block_stats(x3[n, s0:min(s0 + sb, x3.shape[1])], Cg, pm[n, k], pq[n, k], sc[0],
+                    sc[1], sc[2])
 
 
 @njit(inline="always")
@@ -471,8 +473,9 @@ def _fwd_cl(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
     sb, nb = _cl_blocking(S, C, block)
     pm = np.empty((N, nb, G))
     pq = np.empty((N, nb, G))
+    scratch = np.empty((N * nb, 3, C), dtype=x3.dtype)
     for t in prange(N * nb):
-        _fwd_cl_stats_task(t, x3, sb, nb, C // G, pm, pq)
+        _fwd_cl_stats_task(t, x3, sb, nb, C // G, pm, pq, scratch)
     for ng in prange(N * G):
         _fwd_cl_merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
     for t in prange(N * nb):
@@ -487,8 +490,9 @@ def _fwd_cl_serial(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
     sb, nb = _cl_blocking(S, C, block)
     pm = np.empty((N, nb, G))
     pq = np.empty((N, nb, G))
+    scratch = np.empty((N * nb, 3, C), dtype=x3.dtype)
     for t in range(N * nb):
-        _fwd_cl_stats_task(t, x3, sb, nb, C // G, pm, pq)
+        _fwd_cl_stats_task(t, x3, sb, nb, C // G, pm, pq, scratch)
     for ng in range(N * G):
         _fwd_cl_merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
     for t in range(N * nb):
