@@ -117,7 +117,8 @@ def coupling(model, x, y, x_new, y_new, max_rows: int = 16) -> dict:
     with _buffers_kept(model), torch.no_grad():
         model.train()
         dout = (model(x2)[1:] - model(x)[1:]).abs()
-    others = sorted({1 + (k * (B - 1)) // max_rows for k in range(min(max_rows, B - 1))})
+    m = min(max_rows, B - 1)
+    others = [1 + (k * (B - 1)) // m for k in range(m)]  # m distinct rows, evenly spread
     dg = (batch_context_grads(model, x2, y2, others)
           - batch_context_grads(model, x, y, others)).abs()
     return {"batch": B, "output_change": float(dout.max()) if dout.numel() else 0.0,

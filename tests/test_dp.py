@@ -362,6 +362,7 @@ def test_coupling_gn_exactly_zero_bn_not(batch):
         bn = sensitivity.coupling(cnn("bn"), xtr[:B], ytr[:B], xtr[-1], ytr[-1])
         assert gn["output_change"] == 0.0 and gn["grad_change"] == 0.0
         assert bn["output_change"] > 1e-4 and bn["grad_change"] > 1e-4
+        assert gn["rows_checked"] == bn["rows_checked"] == B - 1  # every other sample
 
 
 def test_sensitivity_gn_within_c_bn_exceeds(batch):
