@@ -36,8 +36,9 @@ import os
 
 import numba
 import numpy as np
-from numba import njit, prange
-from numba.extending import overload
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 from . import config
 
@@ -50,22 +51,108 @@ from . import config
 _FM = {"reassoc", "nsz"}
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- storage types
+# NumPy has no bfloat16 and Numba's CPU target no float16, so half-precision tensors reach the
+# kernels as their bits: bfloat16 as uint16, float16 as int16 (``HALF_BITS``). Every element is
+# read through ``_load`` and written through ``_store``, which convert to and from float32 in
+# registers; for float32/float64 arrays they are plain indexing. So one set of kernels serves
+# every dtype, and half tensors cost no extra pass over memory.
+
+HALF_BITS = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.int16)}
+
+
+def compute_dtype(storage) -> np.dtype:
+    """The dtype the kernels compute in for a storage dtype: float32 for the half types."""
+    storage = np.dtype(storage)
+    return np.dtype(np.float32) if storage.itemsize == 2 else storage
+
+
+@intrinsic
+def _u32_as_f32(typingctx, u):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _f32_as_u32(typingctx, f):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _f16_bits_to_f32(typingctx, h):
+    def codegen(context, builder, sig, args):  # LLVM half: F16C's vcvtph2ps on x86
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _f32_to_f16_bits(typingctx, f):
+    def codegen(context, builder, sig, args):  # round to nearest even, as torch
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
+def _load(a, i):
+    """a[i] as a number: float32 for half-precision bits, else the element itself."""
+
+
+@overload(_load, inline="always")
+def _load_impl(a, i):
+    if a.dtype == types.uint16:  # bfloat16: the high half of a float32
+        return lambda a, i: _u32_as_f32(np.uint32(a[i]) << np.uint32(16))
+    if a.dtype == types.int16:  # float16
+        return lambda a, i: _f16_bits_to_f32(a[i])
+    return lambda a, i: a[i]
+
+
+def _store(a, i, v):
+    """a[i] = v, rounding to half precision (nearest even) for half-precision bits."""
+
+
+@overload(_store, inline="always")
+def _store_impl(a, i, v):
+    if a.dtype == types.uint16:
+        def impl(a, i, v):
+            u = _f32_as_u32(np.float32(v))
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays a quiet NaN
+                a[i] = np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
+            else:
+                a[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                                 >> np.uint32(16))
+        return impl
+    if a.dtype == types.int16:
+        def impl(a, i, v):
+            a[i] = _f32_to_f16_bits(np.float32(v))
+        return impl
+
+    def impl(a, i, v):
+        a[i] = v
+    return impl
 
 
 def _cast(a, v):
-    """v converted to a's element type (float32 arithmetic stays float32 in Numba only
-    when every operand is float32; Python numbers are float64)."""
+    """v converted to the type the kernels compute in for a's elements (float32 arithmetic
+    stays float32 in Numba only when every operand is float32; Python numbers are float64)."""
 
 
 @overload(_cast, inline="always")
 def _cast_impl(a, v):
-    dtype = a.dtype
+    dtype = types.float32 if a.dtype in (types.uint16, types.int16) else a.dtype
 
     def impl(a, v):
         return dtype(v)
 
     return impl
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 @njit(cache=True, fastmath=_FM)
@@ -79,12 +166,12 @@ def _chunk_stats(a):
     n = a.shape[0]
     s = _cast(a, 0)
     for i in range(n):
-        s += a[i]
+        s += _load(a, i)
     m = _cast(a, s / n)
     d1 = _cast(a, 0)
     q = _cast(a, 0)
     for i in range(n):
-        d = a[i] - m
+        d = _load(a, i) - m
         d1 += d
         q += d * d
     return m + d1 / n, q - d1 * d1 / n
@@ -138,29 +225,29 @@ def _set_forward_coefs(coef, n, g, Cg, mean, rstd, w, b):
 def _apply_row(xr, yr, sc, sh, m, one, silu):
     if silu:
         for s in range(xr.shape[0]):
-            v = (xr[s] - m) * sc + sh
-            yr[s] = v / (one + np.exp(-v))
+            v = (_load(xr, s) - m) * sc + sh
+            _store(yr, s, v / (one + np.exp(-v)))
     else:
         for s in range(xr.shape[0]):
-            yr[s] = (xr[s] - m) * sc + sh
+            _store(yr, s, (_load(xr, s) - m) * sc + sh)
 
 
 @njit(inline="always")
 def _silu_grad_cl_row(xr, dyr, dzr, a, c0, m, one):
     """_silu_grad_row along C, with per-channel coefficient vectors."""
     for c in range(xr.shape[0]):
-        z = (xr[c] - m[c]) * a[c] + c0[c]
+        z = (_load(xr, c) - m[c]) * a[c] + c0[c]
         sg = one / (one + np.exp(-z))
-        dzr[c] = dyr[c] * (sg * (one + z * (one - sg)))
+        _store(dzr, c, _load(dyr, c) * (sg * (one + z * (one - sg))))
 
 
 @njit(inline="always")
 def _silu_grad_row(xr, dyr, dzr, a, c0, m, one):
     """dz = dy * silu'(z) with z = (x - m)*a + c0 recomputed from the saved statistics."""
     for s in range(xr.shape[0]):
-        z = (xr[s] - m) * a + c0
+        z = (_load(xr, s) - m) * a + c0
         sg = one / (one + np.exp(-z))
-        dzr[s] = dyr[s] * (sg * (one + z * (one - sg)))
+        _store(dzr, s, _load(dyr, s) * (sg * (one + z * (one - sg))))
 
 
 @njit(cache=True, fastmath=_FM)
@@ -170,9 +257,9 @@ def _row_sums(gr, xr, m):
     s1 = _cast(xr, 0)
     s2 = _cast(xr, 0)
     for s in range(xr.shape[0]):
-        v = gr[s]
+        v = _load(gr, s)
         s1 += v
-        s2 += v * (xr[s] - m)
+        s2 += v * (_load(xr, s) - m)
     return s1, s2
 
 
@@ -197,7 +284,7 @@ def _set_backward_coefs(coef, n, g, Cg, M, mean, rstd, w, db, dxh):
 @njit(inline="always")
 def _dx_row(xr, gr, dxr, a, k1, m, k0):
     for s in range(xr.shape[0]):
-        dxr[s] = a * gr[s] + k1 * (xr[s] - m) + k0
+        _store(dxr, s, a * _load(gr, s) + k1 * (_load(xr, s) - m) + k0)
 
 
 # --------------------------------------------------------------------------- NCHW forward
@@ -396,7 +483,7 @@ def _cl_block_stats(xb, Cg, pm, pq, acc, acc2, mc):
     for s in range(P):
         xr = xb[s]
         for c in range(C):
-            acc[c] += xr[c]
+            acc[c] += _load(xr, c)
     for g in range(G):
         mc[g * Cg:(g + 1) * Cg] = acc[g * Cg:(g + 1) * Cg].sum(dtype=np.float64) / (P * Cg)
     acc[:] = 0
@@ -404,7 +491,7 @@ def _cl_block_stats(xb, Cg, pm, pq, acc, acc2, mc):
     for s in range(P):
         xr = xb[s]
         for c in range(C):
-            d = xr[c] - mc[c]
+            d = _load(xr, c) - mc[c]
             acc[c] += d
             acc2[c] += d * d
     for g in range(G):
@@ -473,7 +560,7 @@ def _fwd_cl(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
     sb, nb = _cl_blocking(S, C, block)
     pm = np.empty((N, nb, G))
     pq = np.empty((N, nb, G))
-    scratch = np.empty((N * nb, 3, C), dtype=x3.dtype)
+    scratch = np.empty((N * nb, 3, C), dtype=coef.dtype)  # x's compute dtype
     for t in prange(N * nb):
         _fwd_cl_stats_task(t, x3, sb, nb, C // G, pm, pq, scratch)
     for ng in prange(N * G):
@@ -490,7 +577,7 @@ def _fwd_cl_serial(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
     sb, nb = _cl_blocking(S, C, block)
     pm = np.empty((N, nb, G))
     pq = np.empty((N, nb, G))
-    scratch = np.empty((N * nb, 3, C), dtype=x3.dtype)
+    scratch = np.empty((N * nb, 3, C), dtype=coef.dtype)  # x's compute dtype
     for t in range(N * nb):
         _fwd_cl_stats_task(t, x3, sb, nb, C // G, pm, pq, scratch)
     for ng in range(N * G):
@@ -503,11 +590,11 @@ def _fwd_cl_serial(x3, w, b, eps, silu, one, block, y3, mean, rstd, coef):
 def _apply_cl_row(xr, yr, sc, sh, m, one, silu):
     if silu:
         for c in range(xr.shape[0]):
-            v = (xr[c] - m[c]) * sc[c] + sh[c]
-            yr[c] = v / (one + np.exp(-v))
+            v = (_load(xr, c) - m[c]) * sc[c] + sh[c]
+            _store(yr, c, v / (one + np.exp(-v)))
     else:
         for c in range(xr.shape[0]):
-            yr[c] = (xr[c] - m[c]) * sc[c] + sh[c]
+            _store(yr, c, (_load(xr, c) - m[c]) * sc[c] + sh[c])
 
 
 @njit(inline="always")
@@ -539,9 +626,9 @@ def _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, dx3):
             _silu_grad_cl_row(xr, gr, dzr, coef[n, 0], coef[n, 1], m, one)
             gr = dzr
         for c in range(xr.shape[0]):
-            v = gr[c]
+            v = _load(gr, c)
             a1[c] += v
-            a2[c] += v * (xr[c] - m[c])
+            a2[c] += v * (_load(xr, c) - m[c])
 
 
 @njit(inline="always")
@@ -575,7 +662,7 @@ def _bwd_cl_dx_task(t, dy3, x3, sb, nb, silu, coef, dx3):
         gr = dx3[n, s] if silu else dy3[n, s]
         dxr = dx3[n, s]
         for c in range(xr.shape[0]):
-            dxr[c] = a[c] * gr[c] + k1[c] * (xr[c] - m[c]) + k0[c]
+            _store(dxr, c, a[c] * _load(gr, c) + k1[c] * (_load(xr, c) - m[c]) + k0[c])
 
 
 @njit(parallel=True, cache=True)
@@ -685,8 +772,9 @@ def forward(x3, num_groups, weight, bias, eps, silu, y3, channels_last, path=Non
     G = num_groups
     mean = np.empty((N, G))
     rstd = np.empty((N, G))
-    coef = np.empty((N, 3, C), dtype=x3.dtype)
-    one = x3.dtype.type(1)
+    cdt = compute_dtype(x3.dtype)
+    coef = np.empty((N, 3, C), dtype=cdt)
+    one = cdt.type(1)
     if channels_last:
         kernel = _fwd_cl_serial if run_serially(x3.size) else _fwd_cl
         kernel(x3, weight, bias, eps, silu, one, config.CPU_CL_BLOCK, y3, mean, rstd, coef)
@@ -709,8 +797,9 @@ def backward(dy3, x3, mean, rstd, weight, bias, silu, dx3, channels_last, path=N
     G = mean.shape[1]
     db = np.empty((N, C))
     dxh = np.empty((N, C))
-    coef = np.empty((N, 4, C), dtype=x3.dtype)
-    one = x3.dtype.type(1)
+    cdt = compute_dtype(x3.dtype)
+    coef = np.empty((N, 4, C), dtype=cdt)
+    one = cdt.type(1)
     if channels_last:
         kernel = _bwd_cl_serial if run_serially(x3.size) else _bwd_cl
         kernel(dy3, x3, mean, rstd, weight, bias, silu, one, config.CPU_CL_BLOCK, dx3, db,

@@ -426,3 +426,86 @@ def test_forked_child_after_parallel_use_still_works():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["0", "True"], proc.stdout + proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- half precision
+
+
+def test_half_storage_conversions_match_torch():
+    """_load/_store convert half-precision bits exactly as torch does (round to nearest even,
+    NaN stays NaN, infinities and subnormals kept)."""
+    torch = pytest.importorskip("torch")
+    from numba import njit
+
+    from gnnumba import cpu
+
+    @njit
+    def store_all(v, out):
+        for i in range(v.shape[0]):
+            cpu._store(out, i, v[i])
+
+    @njit
+    def load_all(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = cpu._load(bits, i)
+
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.standard_normal(20000) * 10.0 ** rng.integers(-8, 8, 20000),
+                        [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, 65519.0, 65520.0, 3e38]])
+    v = v.astype(np.float32)
+    for name, tdt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        bits = np.empty(v.shape, cpu.HALF_BITS[name])
+        store_all(v, bits)
+        want = torch.from_numpy(v).to(tdt)
+        got = torch.from_numpy(bits).view(tdt)
+        assert torch.equal(got.isnan(), want.isnan()), name
+        ok = ~want.isnan()
+        assert torch.equal(got[ok].view(torch.int16), want[ok].view(torch.int16)), name
+        back = np.empty(v.shape, np.float32)
+        load_all(bits, back)
+        np.testing.assert_array_equal(back, want.float().numpy())
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_half_precision_kernels(name, layout, small_blocks):
+    """Half tensors run natively on their bits: the result equals the float32 computation on
+    the same (rounded) values, up to the rounding of the output."""
+    torch = pytest.importorskip("torch")
+    from gnnumba import cpu
+
+    tdt = getattr(torch, name)
+    shape, G = (2, 8, 5, 7), 4
+    x, w, b, dy = random_inputs(shape, np.float32, seed=5, offset=3.0)
+    xh, dyh = torch.from_numpy(x).to(tdt), torch.from_numpy(dy).to(tdt)
+    x32, dy32 = xh.float().numpy(), dyh.float().numpy()  # the values the kernels see
+
+    def views(t):
+        bits = t.view(getattr(torch, "uint16" if name == "bfloat16" else "int16")).numpy()
+        if layout == "channels_last":
+            return np.ascontiguousarray(np.moveaxis(bits, 1, -1)).reshape(2, 35, 8)
+        return np.ascontiguousarray(bits).reshape(2, 8, 35)
+
+    cl = layout == "channels_last"
+    x3, dy3 = views(xh), views(dyh)
+    y3, dx3 = np.empty_like(x3), np.empty_like(x3)
+    w64, b64 = w.astype(np.float64), b.astype(np.float64)
+    for silu in (False, True):
+        act = "silu" if silu else None
+        mean, rstd = cpu.forward(x3, G, w64, b64, 1e-5, silu, y3, cl)
+        dxh, dbh = cpu.backward(dy3, x3, mean, rstd, w64, b64, silu, dx3, cl)
+        y_ref, _, rstd_ref = reference.forward(x32, G, w, b, 1e-5, act)
+        dx_ref, _, _, dw_n, db_n = reference.backward(dy32, x32, G, w, b, 1e-5, act)
+
+        def as_nchw(a3):
+            t = torch.from_numpy(a3).view(tdt).float().numpy()
+            return np.moveaxis(t.reshape(2, 5, 7, 8), -1, 1) if cl else t.reshape(shape)
+
+        ulp = 2.0 ** (-8 if name == "bfloat16" else -11)  # output rounding, relative
+        np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-5)
+        assert_close(as_nchw(y3), y_ref, 2 * ulp, "y")
+        # with silu, dz is parked in dx's half storage between the passes (as torch's own
+        # F.silu backward rounds it), so allow a few more roundings
+        assert_close(as_nchw(dx3), dx_ref, (8 if silu else 2) * ulp, "dx")
+        assert_close(dxh, dw_n, (8 if silu else 1e-3) * ulp, "dgamma per sample")
+        assert_close(dbh, db_n, (8 if silu else 1e-3) * ulp, "dbeta per sample")

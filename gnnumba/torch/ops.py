@@ -21,12 +21,11 @@ caching allocator), on CPU by NumPy and wrapped with torch.from_numpy (see ``_cp
 C, what ``torch.channels_last`` gives) are used as they are and the output keeps the layout;
 any other strides are copied once to NCHW.
 
-dtypes: float32 and float64 run natively. On CPU, float16 and bfloat16 are upcast to
-float32 as a first step, normalised, and the result cast back: NumPy has no bfloat16 and
-Numba's CPU target no float16 (statistics are accumulated in float64 on CPU whatever the
-dtype). A native half path (uint16 views converted inside the kernels) would save that extra
-traffic and may come later. On CUDA, float16 runs natively (float32 accumulation) and
-bfloat16 is upcast to float32 (no CUDA-array-interface type for it).
+dtypes: all four run natively on CPU. NumPy has no bfloat16 and Numba's CPU target no
+float16, so half tensors reach the kernels as integer views of their bits and are converted
+to float32 in registers (``gnnumba.cpu._load``/``_store``): no extra pass over memory. On CUDA,
+float16 runs natively (float32 accumulation) and bfloat16 is upcast to float32 (no
+CUDA-array-interface type for it).
 """
 
 from __future__ import annotations
@@ -97,9 +96,11 @@ def _empty(x: Tensor, channels_last: bool, dtype: Optional[torch.dtype] = None) 
     return t.movedim(-1, 1) if channels_last else t
 
 
-# NumPy storage for each torch dtype (bfloat16 bits live in uint16; torch views them back)
+# NumPy storage for each torch dtype. Half types are handed to the kernels as their bits
+# (gnnumba.cpu.HALF_BITS: bfloat16 as uint16, float16 as int16), converted in registers.
 _NP_STORAGE = {torch.float32: np.float32, torch.float64: np.float64,
-               torch.float16: np.float16, torch.bfloat16: np.uint16}
+               torch.float16: cpu.HALF_BITS["float16"], torch.bfloat16: cpu.HALF_BITS["bfloat16"]}
+_BITS_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.uint16}
 
 
 def _cpu_empty(x: Tensor, channels_last: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -118,19 +119,20 @@ def _cpu_empty(x: Tensor, channels_last: bool, dtype: Optional[torch.dtype] = No
         nd = a.ndim
         a = a.transpose((0, nd - 1) + tuple(range(1, nd - 1)))
     t = torch.from_numpy(a)
-    return t.view(dtype) if dtype == torch.bfloat16 else t
+    return t.view(dtype) if dtype in _HALF else t
 
 
 def _cpu_out(x: Tensor, channels_last: bool, N: int, C: int, S: int):
     """(tensor like x in the layout, NumPy (N, C, S) / (N, S, C) view of it) for a kernel
-    output in x's (float32/float64) dtype."""
+    output in x's dtype (half types: the NumPy view holds their bits)."""
     shape = _mem_shape(x.shape, channels_last)
     a = np.empty(shape, _NP_STORAGE[x.dtype])
+    a3 = a.reshape(N, S, C) if channels_last else a.reshape(N, C, S)
     if channels_last:
         nd = a.ndim
-        t = torch.from_numpy(a.transpose((0, nd - 1) + tuple(range(1, nd - 1))))
-        return t, a.reshape(N, S, C)
-    return torch.from_numpy(a), a.reshape(N, C, S)
+        a = a.transpose((0, nd - 1) + tuple(range(1, nd - 1)))
+    t = torch.from_numpy(a)
+    return (t.view(x.dtype) if x.dtype in _HALF else t), a3
 
 
 def _cpu_cast(t: Tensor, channels_last: bool, dtype: torch.dtype) -> Tensor:
@@ -150,7 +152,7 @@ def _np3(t: Tensor, channels_last: bool, N: int, C: int, S: int) -> np.ndarray:
     reshapes a C-contiguous array without copying, so the kernels' writes land in ``t``.
     (NumPy's reshape is ~1 us cheaper than torch's view at small sizes.)
     """
-    a = t.numpy()
+    a = t.view(_BITS_VIEW[t.dtype]).numpy() if t.dtype in _HALF else t.numpy()
     if channels_last:
         nd = a.ndim
         a = a.transpose(_CL_PERM.get(nd) or ((0,) + tuple(range(2, nd)) + (1,)))
@@ -195,10 +197,6 @@ def _np_param(p: Optional[Tensor], C: int, default: float) -> np.ndarray:
 
 def _cpu_forward(x: Tensor, G: int, weight, bias, eps: float, silu: bool):
     x, cl = _in_fast_layout(x.detach())
-    if x.dtype in _HALF:
-        y, mean, rstd = _cpu_forward(_cpu_cast(x, cl, torch.float32), G, weight, bias, eps,
-                                     silu)
-        return _cpu_cast(y, cl, x.dtype), mean, rstd
     shape = x.shape
     N, C = shape[0], shape[1]
     numel = x.numel()
@@ -215,11 +213,6 @@ def _cpu_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
                   silu: bool):
     x, cl = _in_fast_layout(x.detach())
     dy = dy.detach()
-    if x.dtype in _HALF:
-        f32 = torch.float32
-        dx, dw, db = _cpu_backward(_cpu_cast(dy, cl, f32), _cpu_cast(x, cl, f32), mean, rstd,
-                                   weight, bias, silu)
-        return _cpu_cast(dx, cl, x.dtype), dw, db
     if dy.dtype != x.dtype or not _has_layout(dy, cl):
         dy = _cpu_cast(dy, cl, x.dtype)
     shape = x.shape
@@ -244,7 +237,7 @@ def _cpu_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
 # gnnumba.gpu.launch takes torch CUDA tensors directly (through __cuda_array_interface__),
 # NCHW or channels-last, float16/32/64, outputs preallocated, and only enqueues work on the
 # stream it is given: no host synchronisation. bfloat16 has no CUDA-array-interface type,
-# so it is upcast to float32 like on the CPU.
+# so it is upcast to float32.
 
 _streams: dict = {}
 
@@ -519,7 +512,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     ``activation="silu"`` returns ``silu(group_norm(input))`` in one fused pass. CPU tensors
     run the Numba CPU kernels on zero-copy views, CUDA tensors the Numba CUDA kernels on
     torch's current stream; channels_last input gives channels_last output. float16 and
-    bfloat16 are upcast to float32 for the computation and cast back (see module doc).
+    bfloat16 are computed in float32 (see the module doc).
     Differentiable in input, weight and bias (first order; double backward raises).
     """
     check_input(input)
