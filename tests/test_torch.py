@@ -552,3 +552,29 @@ def test_empty_input_statistics_match_torch(shape):
     assert y.shape == y_t.shape
     torch.testing.assert_close(mean.float(), mean_t, equal_nan=True)
     torch.testing.assert_close(rstd.float(), rstd_t, equal_nan=True)
+
+
+def test_parameter_changes_are_always_seen():
+    """The CPU path converts parameters for the kernels; no change may be missed: in-place
+    updates (optimizer steps), .data replacement, writes through .data."""
+    m = gt.GroupNorm(2, 4)
+    ref = torch.nn.GroupNorm(2, 4)
+    x = torch.randn(3, 4, 5)
+    with torch.no_grad():
+        for change in (lambda p: p.mul_(1.5), lambda p: p.add_(0.25),
+                       lambda p: setattr(p, "data", torch.randn(4)),
+                       lambda p: p.data.__setitem__(0, 3.0)):  # .data: own version counter
+            change(m.weight)
+            change(m.bias)
+            ref.weight.copy_(m.weight)
+            ref.bias.copy_(m.bias)
+            torch.testing.assert_close(m(x), ref(x))
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    for _ in range(2):
+        m(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            ref.weight.copy_(m.weight)
+            ref.bias.copy_(m.bias)
+            torch.testing.assert_close(m(x), ref(x))

@@ -185,14 +185,21 @@ def _empty_stats(x: Tensor, G: int, eps: float):
 # --------------------------------------------------------------------------- CPU
 
 
+_DEFAULT_PARAMS: dict = {}
+
+
 def _np_param(p: Optional[Tensor], C: int, default: float) -> np.ndarray:
-    """A float64 NumPy copy of a (C,) parameter (the kernels take float64 parameters).
-    NumPy's astype is a few microseconds cheaper than torch's .to at these sizes."""
+    """The float64 NumPy copy of a (C,) parameter that the kernels take (they never write
+    it). Copied on every call: a cache keyed on torch's version counter would go stale when
+    a parameter is changed through ``.data``, which has a version counter of its own
+    (gradcheck does exactly that). A missing parameter is a cached constant."""
     if p is None:
-        return np.full(C, default)
-    if p.dtype in _HALF:  # NumPy has no bfloat16
-        p = p.float()
-    return p.detach().numpy().astype(np.float64)
+        a = _DEFAULT_PARAMS.get((C, default))
+        if a is None:
+            a = _DEFAULT_PARAMS[(C, default)] = np.full(C, default)
+        return a
+    q = p.detach()
+    return (q.float() if q.dtype in _HALF else q).numpy().astype(np.float64)
 
 
 def _cpu_forward(x: Tensor, G: int, weight, bias, eps: float, silu: bool):
