@@ -61,11 +61,12 @@ def _views(x: np.ndarray, channels_last: bool) -> np.ndarray:
 
 
 def _empty_like_layout(x: np.ndarray, channels_last: bool, dtype=None) -> np.ndarray:
+    """A new output of x's shape in the given layout, its pages mapped (``cpu.empty``)."""
     dtype = x.dtype if dtype is None else dtype
     if channels_last:
         shape = (x.shape[0],) + x.shape[2:] + (x.shape[1],)
-        return np.moveaxis(np.empty(shape, dtype=dtype), -1, 1)
-    return np.empty(x.shape, dtype=dtype)
+        return np.moveaxis(cpu.empty(shape, dtype), -1, 1)
+    return cpu.empty(x.shape, dtype)
 
 
 def _as_layout(a: np.ndarray, channels_last: bool) -> np.ndarray:

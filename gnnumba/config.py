@@ -25,3 +25,7 @@ CPU_FUSED_MAX_BYTES = 512 * 1024
 # load a parallel region waits for a core another process holds.
 CPU_SERIAL_MAX_ELEMENTS = 32768
 CPU_FUSED_MIN_TASKS_PER_THREAD = 4
+
+# Outputs of at least this many bytes have their pages mapped before a parallel kernel writes
+# them (see gnnumba.cpu.empty): NumPy asks for transparent huge pages from 4 MiB on.
+CPU_PREFAULT_MIN_BYTES = 4 << 20

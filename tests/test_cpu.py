@@ -404,7 +404,8 @@ def test_forked_child_after_parallel_use_still_works():
     not be terminated by GNU OpenMP; it takes the serial kernels and gets the same bits."""
     code = textwrap.dedent("""
         import multiprocessing as mp, numpy as np, gnnumba
-        x = np.random.default_rng(0).standard_normal((4, 64, 32, 32)).astype(np.float32)
+        # 4 MiB: large enough for the page pre-touching of outputs (serial in the child)
+        x = np.random.default_rng(0).standard_normal((4, 64, 64, 64)).astype(np.float32)
         xc = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
         def run():
             out = []
@@ -509,3 +510,21 @@ def test_half_precision_kernels(name, layout, small_blocks):
         assert_close(as_nchw(dx3), dx_ref, (8 if silu else 2) * ulp, "dx")
         assert_close(dxh, dw_n, (8 if silu else 1e-3) * ulp, "dgamma per sample")
         assert_close(dbh, db_n, (8 if silu else 1e-3) * ulp, "dbeta per sample")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_outputs_with_mapped_pages(layout):
+    """Outputs of >= 4 MiB have their pages touched before the kernels write them
+    (cpu.empty); every element must still come from the kernel."""
+    from gnnumba import config
+
+    x, w, b, dy = random_inputs((2, 32, 128, 128), np.float32, seed=8)  # 4 MiB
+    assert x.nbytes >= config.CPU_PREFAULT_MIN_BYTES
+    xl = make_layout(x, layout)
+    y, mean, rstd = gnnumba.group_norm_forward(xl, 8, w, b)
+    dx, dw, db = gnnumba.group_norm_backward(make_layout(dy, layout), xl, mean, rstd, 8, w, b)
+    y_ref, _, _ = reference.forward(x, 8, w, b)
+    dx_ref, dw_ref, db_ref, _, _ = reference.backward(dy, x, 8, w, b)
+    assert_close(y, y_ref, 2e-5, "y")
+    assert_close(dx, dx_ref, 2e-4, "dx")
+    assert_close(dw, dw_ref, 2e-4, "dweight")

@@ -114,7 +114,7 @@ def _cpu_empty(x: Tensor, channels_last: bool, dtype: Optional[torch.dtype] = No
     memory (torch.from_numpy) and keeps it alive.
     """
     dtype = dtype or x.dtype
-    a = np.empty(_mem_shape(x.shape, channels_last), _NP_STORAGE[dtype])
+    a = cpu.empty(_mem_shape(x.shape, channels_last), _NP_STORAGE[dtype])
     if channels_last:
         nd = a.ndim
         a = a.transpose((0, nd - 1) + tuple(range(1, nd - 1)))
@@ -126,7 +126,7 @@ def _cpu_out(x: Tensor, channels_last: bool, N: int, C: int, S: int):
     """(tensor like x in the layout, NumPy (N, C, S) / (N, S, C) view of it) for a kernel
     output in x's dtype (half types: the NumPy view holds their bits)."""
     shape = _mem_shape(x.shape, channels_last)
-    a = np.empty(shape, _NP_STORAGE[x.dtype])
+    a = cpu.empty(shape, _NP_STORAGE[x.dtype])
     a3 = a.reshape(N, S, C) if channels_last else a.reshape(N, C, S)
     if channels_last:
         nd = a.ndim
