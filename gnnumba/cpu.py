@@ -822,30 +822,17 @@ def reduce_params(dxh, db):
 # --------------------------------------------------------------------------- outputs
 
 
-@njit(parallel=True, cache=True)
-def _touch_pages(flat, region, stride):
-    """Write one element per page, each thread in whole 2 MiB regions of its own."""
-    n = flat.shape[0]
-    for r in prange((n + region - 1) // region):
-        for i in range(r * region, min(r * region + region, n), stride):
-            flat[i] = 0
-
-
 def empty(shape, dtype) -> np.ndarray:
     """``np.empty`` whose pages are already mapped, for kernel outputs.
 
-    A fresh large array is mapped lazily, page by page, on first write. When the two threads
-    of a parallel kernel first-touch the same 2 MiB (transparent huge page) region, the page
-    faults sometimes collapse: backward at (8, 256, 64, 64) measured 4.5 ms at the median but
-    24-56 ms at the 75th-90th percentile. Touching each page first, each thread in whole
-    2 MiB regions of its own, gave 4.2-4.4 ms with a 90th percentile of 5.5 ms. Small arrays
-    (< 4 MiB) come from the allocator's already mapped heap and are left alone."""
+    A fresh large array is mapped lazily, page by page, on first write. When the threads of a
+    parallel kernel take those page faults together, they sometimes collapse on this kind of
+    VM: at (8, 256, 64, 64) backward measured 4.5 ms at the median but 24-56 ms at the
+    75th-90th percentile, and in ``gnnumba bench`` the allocating forward swung by +-118%.
+    Touching one element per page first, on the calling thread (as ``np.empty`` followed by
+    a copy does), costs about 1 ms per 32 MiB and made the same runs stable (+-4%). Arrays
+    under 4 MiB come from the allocator's already mapped heap and are left alone."""
     a = np.empty(shape, dtype)
     if a.nbytes >= config.CPU_PREFAULT_MIN_BYTES:
-        flat = a.reshape(-1)
-        stride = max(1, 4096 // a.itemsize)
-        if _PARALLEL_SAFE:
-            _touch_pages(flat, (2 << 20) // a.itemsize, stride)
-        else:
-            flat[::stride] = 0
+        a.reshape(-1)[:: max(1, 4096 // a.itemsize)] = 0
     return a
