@@ -29,8 +29,8 @@ import numpy as np
 from numba import njit, prange
 
 from gnnumba import config
-from gnnumba.cpu import (_FM, _cast, _cl_blocking, _cl_merge, _fwd_cl_stats_task, _group_stats,
-                         _row_sums)
+from gnnumba.cpu import (_FM, _bwd_cl_sums_task, _cast, _cl_blocking, _cl_merge,
+                         _fwd_cl_stats_task, _group_stats, _row_sums, _sum_block_partials)
 
 
 @njit(cache=True, fastmath=_FM)
@@ -100,7 +100,8 @@ def _psg_cl(x3, dy3, G, eps, w, b, silu, one, block, coef, gw, gb):
 
     Pass 1 (per block): per-group block mean and M2 (``gnnumba.cpu._fwd_cl_stats_task``).
     Merge (per (n, g)): Chan's formula in block order -> mean, rstd.
-    Pass 2 (per block): per-channel partial sum(dz) and sum(dz * (x - mean)).
+    Pass 2 (per block): per-channel partial sum(dz) and sum(dz * (x - mean)) (the backward's
+    ``_bwd_cl_sums_task``, dz not stored).
     Reduce (per (n, c)): partials summed in block order."""
     N, S, C = x3.shape
     Cg = C // G
@@ -119,36 +120,11 @@ def _psg_cl(x3, dy3, G, eps, w, b, silu, one, block, coef, gw, gb):
         _set_coefs(coef, n, g, Cg, mu, r, w, b)
     p = np.empty((N, nb, 2, C))
     for t in prange(N * nb):
-        n = t // nb
-        k = t - n * nb
-        s0 = k * sb
-        a1 = p[n, k, 0]
-        a2 = p[n, k, 1]
-        a1[:] = 0.0
-        a2[:] = 0.0
-        za = coef[n, 0]
-        zc = coef[n, 1]
-        m = coef[n, 2]
-        for s in range(s0, min(s0 + sb, S)):
-            xr = x3[n, s]
-            gr = dy3[n, s]
-            for c in range(C):
-                d = xr[c] - m[c]
-                v = gr[c]
-                if silu:
-                    z = d * za[c] + zc[c]
-                    sg = one / (one + np.exp(-z))
-                    v = v * (sg * (one + z * (one - sg)))
-                a1[c] += v
-                a2[c] += v * d
+        _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, x3, False)  # dz not kept
     for nc in prange(N * C):
         n = nc // C
         c = nc - n * C
-        s1 = 0.0
-        s2 = 0.0
-        for k in range(nb):
-            s1 += p[n, k, 0, c]
-            s2 += p[n, k, 1, c]
+        s1, s2 = _sum_block_partials(p, n, c)
         gb[n, c] = s1
         gw[n, c] = s2 * rstd[n, c // Cg]
 

@@ -233,15 +233,6 @@ def _apply_row(xr, yr, sc, sh, m, one, silu):
 
 
 @njit(inline="always")
-def _silu_grad_cl_row(xr, dyr, dzr, a, c0, m, one):
-    """_silu_grad_row along C, with per-channel coefficient vectors."""
-    for c in range(xr.shape[0]):
-        z = (_load(xr, c) - m[c]) * a[c] + c0[c]
-        sg = one / (one + np.exp(-z))
-        _store(dzr, c, _load(dyr, c) * (sg * (one + z * (one - sg))))
-
-
-@njit(inline="always")
 def _silu_grad_row(xr, dyr, dzr, a, c0, m, one):
     """dz = dy * silu'(z) with z = (x - m)*a + c0 recomputed from the saved statistics."""
     for s in range(xr.shape[0]):
@@ -608,8 +599,10 @@ def _bwd_cl_coef_task(nc, mean, rstd, w, b, coef):
 
 
 @njit(inline="always")
-def _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, dx3):
-    """Per-channel partial sum(dz) and sum(dz*(x - mean)) of one block, into p[n, k]."""
+def _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, dx3, park):
+    """Per-channel partial sum(dz) and sum(dz*(x - mean)) of one block, into p[n, k].
+    With ``park`` the silu gradient dz is also stored in dx3 for the dx pass (the dp add-on,
+    which has no dx, passes park=False)."""
     n = t // nb
     k = t - n * nb
     s0 = k * sb
@@ -617,18 +610,35 @@ def _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, dx3):
     a2 = p[n, k, 1]
     a1[:] = 0.0
     a2[:] = 0.0
+    za = coef[n, 0]
+    zc = coef[n, 1]
     m = coef[n, 2]
     for s in range(s0, min(s0 + sb, x3.shape[1])):
         xr = x3[n, s]
         gr = dy3[n, s]
-        if silu:
-            dzr = dx3[n, s]  # park dz in dx; the dx pass reads it back
-            _silu_grad_cl_row(xr, gr, dzr, coef[n, 0], coef[n, 1], m, one)
-            gr = dzr
+        dzr = dx3[n, s]
         for c in range(xr.shape[0]):
+            d = _load(xr, c) - m[c]
             v = _load(gr, c)
+            if silu:
+                z = d * za[c] + zc[c]
+                sg = one / (one + np.exp(-z))
+                v = v * (sg * (one + z * (one - sg)))
+                if park:
+                    _store(dzr, c, v)
             a1[c] += v
-            a2[c] += v * (_load(xr, c) - m[c])
+            a2[c] += v * d
+
+
+@njit(inline="always")
+def _sum_block_partials(p, n, c):
+    """(sum_k p[n, k, 0, c], sum_k p[n, k, 1, c]) in block order."""
+    s1 = 0.0
+    s2 = 0.0
+    for k in range(p.shape[1]):
+        s1 += p[n, k, 0, c]
+        s2 += p[n, k, 1, c]
+    return s1, s2
 
 
 @njit(inline="always")
@@ -639,11 +649,7 @@ def _bwd_cl_reduce_task(ng, p, mean, rstd, w, M, db, dxh, coef):
     g = ng - n * G
     r = rstd[n, g]
     for c in range(g * Cg, (g + 1) * Cg):
-        s1 = 0.0
-        s2 = 0.0
-        for k in range(p.shape[1]):
-            s1 += p[n, k, 0, c]
-            s2 += p[n, k, 1, c]
+        s1, s2 = _sum_block_partials(p, n, c)
         db[n, c] = s1
         dxh[n, c] = s2 * r
     _set_backward_coefs(coef, n, g, Cg, M, mean[n, g], r, w, db, dxh)
@@ -673,7 +679,7 @@ def _bwd_cl(dy3, x3, mean, rstd, w, b, silu, one, block, dx3, db, dxh, coef):
     for nc in prange(N * C):
         _bwd_cl_coef_task(nc, mean, rstd, w, b, coef)
     for t in prange(N * nb):
-        _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, dx3)
+        _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, dx3, True)
     for ng in prange(mean.size):
         _bwd_cl_reduce_task(ng, p, mean, rstd, w, C // mean.shape[1] * S, db, dxh, coef)
     for t in prange(N * nb):
@@ -689,7 +695,7 @@ def _bwd_cl_serial(dy3, x3, mean, rstd, w, b, silu, one, block, dx3, db, dxh, co
     for nc in range(N * C):
         _bwd_cl_coef_task(nc, mean, rstd, w, b, coef)
     for t in range(N * nb):
-        _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, dx3)
+        _bwd_cl_sums_task(t, dy3, x3, sb, nb, silu, one, coef, p, dx3, True)
     for ng in range(mean.size):
         _bwd_cl_reduce_task(ng, p, mean, rstd, w, C // mean.shape[1] * S, db, dxh, coef)
     for t in range(N * nb):
