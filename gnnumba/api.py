@@ -88,14 +88,16 @@ def _choose_layout(x: np.ndarray):
 
 
 def _param(p, name, C, dtype, default):
+    """The (C,) parameter as the kernels take it: x's dtype, contiguous (no copy when it
+    already is; the kernels never write it)."""
     if p is None:
-        return np.full(C, default, dtype=np.float64)
+        return cpu.default_param(C, dtype, default)
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of shape ({C},) or None, "
                         f"got {type(p).__name__}")
     _checks.check_same_dtype(name, p.dtype, dtype)
     _checks.check_param_shape(name, p.shape, C)
-    return p.astype(np.float64)
+    return np.ascontiguousarray(p)
 
 
 def _is_empty(shape) -> bool:

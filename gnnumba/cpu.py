@@ -767,6 +767,8 @@ _BWD = {"serial": _bwd_nchw_serial, "fused": _bwd_nchw_fused, "split": _bwd_nchw
 
 def forward(x3, num_groups, weight, bias, eps, silu, y3, channels_last, path=None):
     """Run the forward kernel on 3-D views: (N, C, S) for NCHW or (N, S, C) for channels-last.
+    ``weight``/``bias``: contiguous (C,) arrays in x's compute dtype (``compute_dtype``;
+    coefficients are formed in float64 from them, so no float64 copy is needed).
 
     ``weight``/``bias`` are float64 arrays of shape (C,). Returns float64 (mean, rstd) of
     shape (N, G). ``path`` ("serial"/"fused"/"split") forces an NCHW path.
@@ -826,6 +828,19 @@ def reduce_params(dxh, db):
 
 
 # --------------------------------------------------------------------------- outputs
+
+
+_DEFAULT_PARAMS: dict = {}
+
+
+def default_param(C: int, dtype, value: float) -> np.ndarray:
+    """The (C,) constant that stands for a missing weight (1) or bias (0); cached, never
+    written by the kernels."""
+    key = (C, np.dtype(dtype), value)
+    a = _DEFAULT_PARAMS.get(key)
+    if a is None:
+        a = _DEFAULT_PARAMS[key] = np.full(C, value, dtype=dtype)
+    return a
 
 
 def empty(shape, dtype) -> np.ndarray:

@@ -490,11 +490,11 @@ def test_half_precision_kernels(name, layout, small_blocks):
     cl = layout == "channels_last"
     x3, dy3 = views(xh), views(dyh)
     y3, dx3 = np.empty_like(x3), np.empty_like(x3)
-    w64, b64 = w.astype(np.float64), b.astype(np.float64)
+    wc, bc = w, b  # parameters in the compute dtype (float32), as the bridge passes them
     for silu in (False, True):
         act = "silu" if silu else None
-        mean, rstd = cpu.forward(x3, G, w64, b64, 1e-5, silu, y3, cl)
-        dxh, dbh = cpu.backward(dy3, x3, mean, rstd, w64, b64, silu, dx3, cl)
+        mean, rstd = cpu.forward(x3, G, wc, bc, 1e-5, silu, y3, cl)
+        dxh, dbh = cpu.backward(dy3, x3, mean, rstd, wc, bc, silu, dx3, cl)
         y_ref, _, rstd_ref = reference.forward(x32, G, w, b, 1e-5, act)
         dx_ref, _, _, dw_n, db_n = reference.backward(dy32, x32, G, w, b, 1e-5, act)
 

@@ -101,6 +101,7 @@ def _empty(x: Tensor, channels_last: bool, dtype: Optional[torch.dtype] = None) 
 _NP_STORAGE = {torch.float32: np.float32, torch.float64: np.float64,
                torch.float16: cpu.HALF_BITS["float16"], torch.bfloat16: cpu.HALF_BITS["bfloat16"]}
 _BITS_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.uint16}
+_TORCH_OF = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 
 def _cpu_empty(x: Tensor, channels_last: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -185,21 +186,15 @@ def _empty_stats(x: Tensor, G: int, eps: float):
 # --------------------------------------------------------------------------- CPU
 
 
-_DEFAULT_PARAMS: dict = {}
-
-
-def _np_param(p: Optional[Tensor], C: int, default: float) -> np.ndarray:
-    """The float64 NumPy copy of a (C,) parameter that the kernels take (they never write
-    it). Copied on every call: a cache keyed on torch's version counter would go stale when
-    a parameter is changed through ``.data``, which has a version counter of its own
-    (gradcheck does exactly that). A missing parameter is a cached constant."""
+def _np_param(p: Optional[Tensor], C: int, default: float, dtype: np.dtype) -> np.ndarray:
+    """A (C,) parameter as the CPU kernels take it: a zero-copy NumPy view in x's compute
+    dtype (converted only when the parameter's dtype differs, e.g. bfloat16 weights)."""
     if p is None:
-        a = _DEFAULT_PARAMS.get((C, default))
-        if a is None:
-            a = _DEFAULT_PARAMS[(C, default)] = np.full(C, default)
-        return a
-    q = p.detach()
-    return (q.float() if q.dtype in _HALF else q).numpy().astype(np.float64)
+        return cpu.default_param(C, dtype, default)
+    a = p.detach()
+    if a.dtype != _TORCH_OF[dtype]:
+        a = a.to(_TORCH_OF[dtype])
+    return a.contiguous().numpy()
 
 
 def _cpu_forward(x: Tensor, G: int, weight, bias, eps: float, silu: bool):
@@ -211,8 +206,9 @@ def _cpu_forward(x: Tensor, G: int, weight, bias, eps: float, silu: bool):
         return (_cpu_empty(x, cl),) + _empty_stats(x, G, eps)
     S = numel // (N * C)
     y, y3 = _cpu_out(x, cl, N, C, S)
-    mean, rstd = cpu.forward(_np3(x, cl, N, C, S), G, _np_param(weight, C, 1.0),
-                             _np_param(bias, C, 0.0), eps, silu, y3, cl)
+    cdt = cpu.compute_dtype(y3.dtype)
+    mean, rstd = cpu.forward(_np3(x, cl, N, C, S), G, _np_param(weight, C, 1.0, cdt),
+                             _np_param(bias, C, 0.0, cdt), eps, silu, y3, cl)
     return y, torch.from_numpy(mean), torch.from_numpy(rstd)
 
 
@@ -230,11 +226,12 @@ def _cpu_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
         return _cpu_empty(x, cl), zeros, zeros.clone()
     S = numel // (N * C)
     dx, dx3 = _cpu_out(x, cl, N, C, S)
+    cdt = cpu.compute_dtype(dx3.dtype)
     dgamma_n, dbeta_n = cpu.backward(
         _np3(dy, cl, N, C, S), _np3(x, cl, N, C, S),
         np.ascontiguousarray(mean.detach().numpy(), dtype=np.float64),
         np.ascontiguousarray(rstd.detach().numpy(), dtype=np.float64),
-        _np_param(weight, C, 1.0), _np_param(bias, C, 0.0), silu, dx3, cl)
+        _np_param(weight, C, 1.0, cdt), _np_param(bias, C, 0.0, cdt), silu, dx3, cl)
     dw, db = cpu.reduce_params(dgamma_n, dbeta_n)  # sums over N in order: deterministic
     return dx, torch.from_numpy(dw), torch.from_numpy(db)
 
