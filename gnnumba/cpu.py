@@ -3,6 +3,7 @@
 Two memory layouts, each a fast path:
 
 * NCHW (C-contiguous): a group (n, g) is one contiguous run of D = C/G * S elements.
+  - "serial" path: inputs under ``config.CPU_SERIAL_MAX_ELEMENTS``, on the calling thread.
   - "fused" path: one task per group; the group's statistics are computed chunk by chunk and
     the group is normalised right away while it is still in L2 (one DRAM read, one write).
   - "split" path: when there are too few groups to keep every thread busy, or a group is
@@ -10,10 +11,15 @@ Two memory layouts, each a fast path:
     in chunk order, then applied. Same arithmetic in the same order: bit-identical results.
 * channels-last (memory order N, spatial..., C): a sample is cut into blocks of whole spatial
   positions; per-channel accumulators run vectorised along C, and the per-block partials are
-  merged in block order.
+  merged in block order. Parallel and serial kernels share the per-task helpers.
 
-Statistics: each chunk is reduced twice while in L1 (mean, then squared deviations), in
-float64, and chunks are merged with Chan's parallel formula. Never E[x^2] - E[x]^2.
+Statistics: each chunk (or block) gets the corrected two-pass algorithm while it is in cache
+(mean, then deviations and their sum, which removes the rounding error of the mean), summed
+in x's dtype; chunks are merged in float64 with Chan's parallel formula. Never
+E[x^2] - E[x]^2.
+
+dtypes: float32 and float64, and float16/bfloat16 stored as their bits and converted in
+registers (``_load``/``_store``).
 
 Backward uses the saved mean/rstd in closed form. Per (n, c) it forms
     db[n, c]  = sum(dy)                  (= per-sample dbeta)
