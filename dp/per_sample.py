@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from gnnumba import _checks
-from gnnumba.api import _as_layout, _is_cuda_array, _views, is_channels_last
+from gnnumba.api import _as_layout, _choose_layout, _is_cuda_array, _views
 
 from .kernels import per_sample_grads_3d
 
@@ -81,8 +81,7 @@ def _numpy_per_sample_grads(x, dy, num_groups, eps, activation, weight, bias):
         return np.zeros((N, C)), np.zeros((N, C))
     w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
     b = np.zeros(C) if bias is None else np.asarray(bias, dtype=np.float64)
-    channels_last = is_channels_last(x)
-    xl = x if channels_last else np.ascontiguousarray(x)
+    xl, channels_last = _choose_layout(x)
     dyl = _as_layout(dy, channels_last)
     return per_sample_grads_3d(_views(xl, channels_last), _views(dyl, channels_last), G, eps,
                                w, b, activation == "silu", channels_last)

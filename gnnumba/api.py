@@ -193,24 +193,9 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, bias=None, *
             dbias.astype(x.dtype) if bias is not None else None)
 
 
-def per_sample_param_grads(dy, x, mean, rstd, num_groups, weight=None, bias=None, *,
-                           activation=None):
-    """``(dx, dgamma_per_sample, dbeta_per_sample)`` for NumPy input: the backward together
-    with the (N, C) per-sample parameter gradients it forms before summing over N (the
-    ``dp`` add-on uses them). The per-sample gradients are float64."""
-    _check_x(x)
-    if _is_cuda_array(x):
-        raise TypeError("per_sample_param_grads takes NumPy arrays; for CUDA arrays use "
-                        "gnnumba.gpu.per_sample_param_grads")
-    _checks.check_ndim(x.shape)
-    G = _checks.check_num_groups(num_groups, x.shape[1])
-    activation = _checks.check_activation(activation)
-    return _cpu_backward(dy, x, mean, rstd, G, weight, bias, activation)
-
-
 def _cpu_backward(dy, x, mean, rstd, G, weight, bias, activation):
     """Validated CPU backward: (dx, per-sample dgamma, per-sample dbeta), the latter two
-    float64 of shape (N, C)."""
+    float64 of shape (N, C) (summed over N by ``group_norm_backward``)."""
     if not isinstance(dy, np.ndarray):
         raise TypeError(f"dy must be a numpy.ndarray like x, got {type(dy).__name__}")
     _checks.check_same_dtype("dy", dy.dtype, x.dtype)
