@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-ACTIVATIONS = (None, "silu")
+from .activations import NAMES as ACTIVATIONS
 
 
 class GroupNormError(ValueError):
@@ -70,10 +70,10 @@ def check_eps(eps) -> float:
 
 
 def check_activation(activation):
-    if activation not in ACTIVATIONS:
-        raise GroupNormError(
-            f"unknown activation {activation!r}; supported: None (plain GroupNorm) or 'silu'"
-        )
+    if not (activation is None or isinstance(activation, str)) or activation not in ACTIVATIONS:
+        known = ", ".join(repr(a) for a in ACTIVATIONS)
+        raise GroupNormError(f"unknown activation {activation!r}; supported: {known} "
+                             f"(None is plain GroupNorm)")
     return activation
 
 
