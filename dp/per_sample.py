@@ -1,8 +1,9 @@
 """``per_sample_grads``: per-sample GroupNorm weight/bias gradients for NumPy and torch.
 
 NumPy arrays (float32/float64) and torch CPU tensors run ``gnnumba.cpu``'s forward (for the
-statistics) and ``gnnumba.cpu.per_sample_param_grads`` (torch tensors zero-copy through ``.numpy()``; float16/bfloat16 are upcast to
-float32 first, one copy, because NumPy has no bfloat16). CUDA tensors / CUDA arrays go to
+statistics) and ``gnnumba.cpu.per_sample_param_grads`` (torch tensors zero-copy through
+``.numpy()``; float16/bfloat16 are upcast to float32 first, one copy, because NumPy has no
+bfloat16). CUDA tensors / CUDA arrays go to
 gnnumba's CUDA backend (``gnnumba.gpu``: its forward for the statistics, then its
 ``per_sample_param_grads``); without numba-cuda they raise NotImplementedError.
 """
