@@ -2,7 +2,7 @@
 
 ``import dp`` registers, in Opacus, a per-sample gradient sampler (and a ghost-clipping norm
 sampler) for ``gnnumba.torch.GroupNorm`` in both its plain and ``activation="silu"`` forms;
-the numbers come from the Numba kernel in ``dp.kernels``.
+the numbers come from ``gnnumba.cpu.per_sample_param_grads``.
 
 ``dp.per_sample_grads(x, dy, num_groups, eps=1e-5, *, activation=None, weight=None,
 bias=None) -> (grad_weight, grad_bias)`` works on NumPy arrays and torch tensors.

@@ -1,8 +1,9 @@
 """``per_sample_grads``: per-sample GroupNorm weight/bias gradients for NumPy and torch.
 
-NumPy arrays (float32/float64) and torch CPU tensors run the Numba kernels of
-``dp.kernels`` (torch tensors zero-copy through ``.numpy()``; float16/bfloat16 are upcast to
-float32 first, one copy, because NumPy has no bfloat16). CUDA tensors / CUDA arrays go to
+NumPy arrays (float32/float64) and torch CPU tensors run ``gnnumba.cpu``'s forward (for the
+statistics) and ``gnnumba.cpu.per_sample_param_grads`` (torch tensors zero-copy through
+``.numpy()``; float16/bfloat16 are upcast to float32 first, one copy, because NumPy has no
+bfloat16). CUDA tensors / CUDA arrays go to
 gnnumba's CUDA backend (``gnnumba.gpu``: its forward for the statistics, then its
 ``per_sample_param_grads``); without numba-cuda they raise NotImplementedError.
 """
@@ -13,10 +14,8 @@ import sys
 
 import numpy as np
 
-from gnnumba import _checks
+from gnnumba import _checks, activations, cpu
 from gnnumba.api import _as_layout, _choose_layout, _is_cuda_array, _views
-
-from .kernels import per_sample_grads_3d
 
 CPU_DTYPES = (np.float32, np.float64)
 
@@ -79,12 +78,16 @@ def _numpy_per_sample_grads(x, dy, num_groups, eps, activation, weight, bias):
     N, C = x.shape[:2]
     if x.size == 0:  # sums over nothing (N == 0 or an empty spatial dim)
         return np.zeros((N, C)), np.zeros((N, C))
-    w = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
-    b = np.zeros(C) if bias is None else np.asarray(bias, dtype=np.float64)
+    cdt = cpu.compute_dtype(x.dtype)
+    w = np.ones(C, cdt) if weight is None else np.ascontiguousarray(weight, dtype=cdt)
+    b = np.zeros(C, cdt) if bias is None else np.ascontiguousarray(bias, dtype=cdt)
     xl, channels_last = _choose_layout(x)
     dyl = _as_layout(dy, channels_last)
-    return per_sample_grads_3d(_views(xl, channels_last), _views(dyl, channels_last), G, eps,
-                               w, b, activation == "silu", channels_last)
+    x3, dy3 = _views(xl, channels_last), _views(dyl, channels_last)
+    act = activations.code(activation)
+    # the statistics come from the forward (its y is scratch here)
+    mean, rstd = cpu.forward(x3, G, w, b, eps, act, np.empty_like(x3), channels_last)
+    return cpu.per_sample_param_grads(dy3, x3, mean, rstd, w, b, act, channels_last)
 
 
 def _torch_per_sample_grads(torch, x, dy, num_groups, eps, activation, weight, bias):
