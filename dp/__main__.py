@@ -147,6 +147,12 @@ def main(argv=None) -> int:
     p.add_argument("--plot", metavar="PATH", help="also draw the three results into a PNG")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    for mod in ("torch", "opacus", "sklearn"):
+        try:
+            __import__(mod)
+        except ImportError:
+            p.exit(2, f"python -m dp: the demonstration needs torch, Opacus and scikit-learn "
+                      f"({mod} is missing): pip install \"gnnumba[dp]\"\n")
     cfg = QUICK if args.quick else FULL
     warnings.filterwarnings("ignore", message="Full backward hook")
     import torch
