@@ -45,37 +45,52 @@ def per_sample_grads(x, dy, num_groups, eps=1e-5, *, activation=None, weight=Non
 
 def _per_sample_grads(x, dy, G, eps, activation, weight, bias):
     """Statistics, then the per-sample sums; any array kind gnnumba takes."""
+    psg = getattr(gnnumba, "per_sample_param_grads", None)
+    if psg is None or not isinstance(x, np.ndarray):
+        # a gnnumba from before the public kernel (or without its CUDA dispatch)
+        return _per_sample_by_backward(x, dy, G, eps, activation, weight, bias)
     # the statistics do not depend on the affine or the activation: skip both
     _, mean, rstd = gnnumba.group_norm_forward(x, G, None, None, eps)
-    psg = getattr(gnnumba, "per_sample_param_grads", None)
-    if psg is None:  # a gnnumba from before the public kernel: one backward per sample
-        return _per_sample_by_backward(x, dy, mean, rstd, G, weight, bias, activation)
     return psg(dy, x, mean, rstd, G, weight, bias, activation=activation)
 
 
-def _per_sample_by_backward(x, dy, mean, rstd, G, weight, bias, activation):
-    """The same numbers from ``group_norm_backward`` on batches of one sample (slow;
-    only for gnnumba versions without ``per_sample_param_grads``)."""
-    on_host = isinstance(x, np.ndarray)
+def _per_sample_by_backward(x, dy, G, eps, activation, weight, bias):
+    """The same numbers from one ``group_norm_backward`` call: the batch seen as ONE sample
+    of N·C channels in N·G groups has the same groups, so its dweight/dbias over N·C
+    channels are the per-sample gradients (dx is computed and dropped). For gnnumba versions
+    without ``per_sample_param_grads``."""
+    if getattr(x, "ndim", 0) < 2:  # gnnumba names the problem
+        gnnumba.group_norm_forward(x, G, None, None, eps)
+    # validate on an empty batch first, so that errors name C and G, not N·C and N·G
+    _, m0, r0 = gnnumba.group_norm_forward(x[:0], G, None, None, eps)
+    gnnumba.group_norm_backward(dy[:0], x[:0], m0, r0, G, weight, bias, activation=activation)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy has shape {tuple(dy.shape)} but x has shape {tuple(x.shape)}; "
+                         f"dy must have the same shape as x")
     N, C = x.shape[:2]
     acc = np.float64 if x.dtype == np.float64 else np.float32
-    w = np.ones(C, x.dtype) if weight is None else weight
-    b = np.zeros(C, x.dtype) if bias is None else bias
-    if not on_host:
+    if N == 0 or x.size == 0:
+        zeros = np.zeros((N, C), acc)
+        if isinstance(x, np.ndarray):
+            return zeros, zeros.copy()
         from numba import cuda
 
-        w, b = (cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in (w, b))
-    gw, gb = np.zeros((N, C), acc), np.zeros((N, C), acc)
-    for n in range(N):
-        s = slice(n, n + 1)
-        _, dw, db = gnnumba.group_norm_backward(dy[s], x[s], mean[s], rstd[s], G, w, b,
-                                                activation=activation)
-        gw[n], gb[n] = (a if on_host else a.copy_to_host() for a in (dw, db))
-    if on_host:
-        return gw, gb
-    from numba import cuda
+        return cuda.to_device(zeros), cuda.to_device(zeros)
+    flat = (1, N * C) + tuple(x.shape[2:])
+    x1, dy1 = x.reshape(flat), dy.reshape(flat)
+    w = np.ones(C, x.dtype) if weight is None else weight
+    b = np.zeros(C, x.dtype) if bias is None else bias
+    if isinstance(x, np.ndarray):
+        w1, b1 = np.tile(w, N), np.tile(b, N)
+    else:  # CUDA arrays: tile on the host (C values)
+        from numba import cuda
 
-    return cuda.to_device(gw), cuda.to_device(gb)
+        host = [a if isinstance(a, np.ndarray) else a.copy_to_host() for a in (w, b)]
+        w1, b1 = (cuda.to_device(np.tile(a, N)) for a in host)
+    _, mean, rstd = gnnumba.group_norm_forward(x1, N * G, None, None, eps)
+    _, dw, db = gnnumba.group_norm_backward(dy1, x1, mean, rstd, N * G, w1, b1,
+                                            activation=activation)
+    return dw.reshape(N, C), db.reshape(N, C)
 
 
 def _torch_per_sample_grads(torch, x, dy, num_groups, eps, activation, weight, bias):
