@@ -7,7 +7,7 @@ Array level (NumPy on the CPU, CUDA arrays on the GPU)::
     dx, dweight, dbias = gnnumba.group_norm_backward(dy, x, mean, rstd, num_groups, weight, bias)
 
 PyTorch: ``import gnnumba.torch`` (a drop-in ``nn.GroupNorm``). Where the kernels live:
-``gnnumba/cpu.py`` (CPU), ``gnnumba/gpu/`` (CUDA), ``gnnumba/torch/`` (the torch bridge).
+``gnnumba/cpu/`` (CPU), ``gnnumba/gpu/`` (CUDA), ``gnnumba/torch/`` (the torch bridge).
 """
 
 from . import _threading  # noqa: F401  (picks a thread-safe Numba threading layer first)
