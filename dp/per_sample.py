@@ -153,5 +153,5 @@ def _cuda_per_sample_grads(x, dy, num_groups, eps, activation, weight, bias):
         )
     _, mean, rstd = backend.group_norm_forward(x, G, weight, bias, eps, activation=activation,
                                                out=None)
-    _, gw, gb = fn(dy, x, mean, rstd, G, weight, bias, activation=activation)
+    gw, gb = fn(dy, x, mean, rstd, G, weight, bias, activation=activation)
     return gw, gb
