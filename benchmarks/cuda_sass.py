@@ -136,8 +136,9 @@ def disassemble(cubin: str):
 
 
 def hot_loop(insts, labels, itemsize: int, inputs: int):
-    """Figures of the innermost loop (backward branch) with global loads, the one with the
-    most load bytes; None if the kernel has no such loop."""
+    """Figures of the innermost loop (backward branch) with global loads, the largest one
+    (the streaming loop, not a tail or the parameter-sum loop); for a kernel without such a
+    loop, the whole kernel."""
     loops = []
     for addr, text in insts:
         m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", text)
@@ -152,25 +153,30 @@ def hot_loop(insts, labels, itemsize: int, inputs: int):
                for l2, h2 in loops):
             continue  # an inner loop with loads is the hot one
         body = [t for a, t in insts if lo <= a <= hi]
-        ldg = [t for t in body if re.search(r"\bLDG\b|\bLDG\.", t)]
-        if not ldg:
-            continue
-        nbytes = sum(_ldg_bytes(re.search(r"LDG\S*", t).group(0)) for t in ldg)
-        first_store = next((i for i, t in enumerate(body) if re.search(r"\bSTG", t)),
-                           len(body))
-        in_flight = sum(1 for t in body[:first_store] if "LDG" in t)
-        calls = sum(1 for t in body if "CALL" in t)
-        cand = dict(inst=len(body), ldg=len(ldg), ldg_before_store=in_flight, calls=calls,
-                    elem=nbytes / itemsize / inputs,
-                    div=sum(1 for t in body if "MUFU.RCP" in t or "div" in t),
-                    i2f=sum(1 for t in body if t.split()[0].lstrip("@!P0123456789T ")
-                            .startswith("I2F")))
-        cand["inst_per_elem"] = cand["inst"] / max(cand["elem"], 1e-9)
-        if best is None or nbytes > best["_bytes"]:
-            best = dict(cand, _bytes=nbytes)
+        cand = _figures(body, itemsize, inputs)
+        if cand and (best is None or cand["inst"] > best["inst"]):
+            best = cand
+    if best is None:  # fully unrolled (the on-chip kernel): the whole body
+        best = _figures([t for _, t in insts], itemsize, inputs)
+        if best:
+            best["whole_kernel"] = True
     if best:
         best.pop("_bytes")
     return best
+
+
+def _figures(body, itemsize, inputs):
+    ldg = [t for t in body if "LDG" in t]
+    if not ldg:
+        return None
+    nbytes = sum(_ldg_bytes(re.search(r"LDG\S*", t).group(0)) for t in ldg)
+    first_store = next((i for i, t in enumerate(body) if "STG" in t), len(body))
+    fig = dict(inst=len(body), ldg=len(ldg),
+               ldg_before_store=sum(1 for t in body[:first_store] if "LDG" in t),
+               calls=sum(1 for t in body if "CALL" in t),
+               elem=nbytes / itemsize / inputs, _bytes=nbytes)
+    fig["inst_per_elem"] = fig["inst"] / fig["elem"]
+    return fig
 
 
 def analyse(spec, cc: int) -> dict:

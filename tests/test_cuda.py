@@ -431,3 +431,21 @@ def test_launch_plans_are_cached(small):
         gc.group_norm_forward(_dev(x), 3, None, None, 1e-5)
     info = launch.forward_plan.cache_info()
     assert (info.misses, info.hits) == (1, 2)
+
+
+@device
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_whole_tiles_and_tails(small, cl):
+    """Rows long enough for whole register tiles (loads without bounds checks) followed by a
+    tail (S = 150: NCHW chunks of 64, 64, 22; channels-last blocks of 16 positions and one
+    of 6), through the forward, backward and per-sample kernels."""
+    x, dy, w, b = _case((1, 4, 10, 15), np.float32, seed=6)
+    xd, dyd, wd, bd = _dev(x, cl), _dev(dy, cl), _dev(w), _dev(b)
+    y, m, r = gc.group_norm_forward(xd, 2, wd, bd, 1e-5, activation="silu")
+    dx, dw, db = gc.group_norm_backward(dyd, xd, m, r, 2, wd, bd, activation="silu")
+    dwn, dbn = gc.per_sample_param_grads(dyd, xd, m, r, 2, wd, bd, activation="silu")
+    yr, _, rr = selftest.reference_forward(x, 2, w, b, 1e-5, "silu")
+    dxr, dwr, dbr, dwnr, dbnr = selftest.reference_backward(dy, x, 2, w, b, 1e-5, "silu")
+    for got, want, tol in [(y, yr, 1e-5), (r, rr, 1e-5), (dx, dxr, 1e-4), (dw, dwr, 1e-4),
+                           (db, dbr, 1e-4), (dwn, dwnr, 1e-4), (dbn, dbnr, 1e-4)]:
+        assert _rel_err(got, want) <= tol

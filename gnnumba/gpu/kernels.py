@@ -67,6 +67,11 @@ from .. import activations
 # function typed as a separate dispatcher asks the driver for the current device's compute
 # capability, which would stop ``compile_ptx`` from working on a machine without a GPU.
 _device = cuda.jit(device=True, inline="always")
+
+# Indices of the streamed arrays are cast to unsigned: Numba then skips the negative-index
+# wraparound (5 integer instructions per access in the SASS of every hot loop). The cast is
+# free (same bits) and the indices are never negative.
+U = numba.uint64
 _act_forward = _device(activations.forward)
 _act_derivative = _device(activations.derivative)
 
@@ -184,7 +189,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         base = ng * D
         for j in range(KF):  # all loads first
             i = j * T + tid
-            v[j] = acc(x[base + i]) if i < D else acc(0)
+            v[j] = acc(x[U(base + i)]) if i < D else acc(0)
         s = acc(0)
         for j in range(KF):
             s += v[j]
@@ -209,7 +214,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         for j in range(KF):
             if j * T + tid < D:
                 a, sh = coefficients(r, w, b, has_w, has_b, c)
-                y[base + j * T + tid] = activate((v[j] - mu) * a + sh)
+                y[U(base + j * T + tid)] = activate((v[j] - mu) * a + sh)
             so += ds
             c += dc
             if so >= S:
@@ -247,7 +252,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
             for t0 in range(r0 + tid, r1, T * K):
                 for j in range(K):  # K independent loads; coalesced across the block
                     i = t0 + j * T
-                    v[j] = acc(x[base + i]) - kg if i < r1 else k  # padding adds 0
+                    v[j] = acc(x[U(base + i)]) - kg if i < r1 else k  # padding adds 0
                     nf += 1 if i < r1 else 0
                 for j in range(K):
                     d = v[j] - k
@@ -299,7 +304,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
                 for t0 in range(r0, r1, TS * K):
                     for j in range(K):
                         s = t0 + j * TS
-                        v[j] = acc(x[base + s * C]) - kg if s < r1 else k
+                        v[j] = acc(x[U(base + s * C)]) - kg if s < r1 else k
                         nf += 1 if s < r1 else 0
                     for j in range(K):
                         d = v[j] - k
@@ -367,7 +372,8 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
 
     @cuda.jit
     def fwd_apply_nchw(x, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, y):
-        """grid (N*C, ceil(S/colchunk)), block (<= T,). One (n, c) row slice per block."""
+        """grid (N*C, ceil(S/colchunk)), block (<= T,). One (n, c) row slice per block:
+        whole tiles of K values per thread (loads first, no bounds checks), then the tail."""
         v = cuda.local.array(K, acc)
         row = cuda.blockIdx.x
         n = row // C
@@ -375,22 +381,25 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         ng = n * G + c // (C // G)
         mu = acc(mean[ng])
         a, sh = coefficients(acc(rstd[ng]), w, b, has_w, has_b, c)
-        s0 = cuda.blockIdx.y * colchunk
-        s1 = min(s0 + colchunk, S)
-        base = row * S
+        s0 = row * S + cuda.blockIdx.y * colchunk
+        m = min(colchunk, S - cuda.blockIdx.y * colchunk)
+        xb = x[s0:s0 + m]  # the block's run: indices below are block-relative
+        yb = y[s0:s0 + m]
         nt = cuda.blockDim.x
-        for t0 in range(s0 + cuda.threadIdx.x, s1, nt * K):
-            for j in range(K):  # the tile's loads first
-                i = t0 + j * nt
-                v[j] = acc(x[base + i]) if i < s1 else acc(0)
+        tid = cuda.threadIdx.x
+        full = m - m % (nt * K)
+        for t0 in range(tid, full, nt * K):
             for j in range(K):
-                i = t0 + j * nt
-                if i < s1:
-                    y[base + i] = activate((v[j] - mu) * a + sh)
+                v[j] = acc(xb[U(t0 + j * nt)])
+            for j in range(K):
+                yb[U(t0 + j * nt)] = activate((v[j] - mu) * a + sh)
+        for i in range(full + tid, m, nt):
+            yb[U(i)] = activate((acc(xb[U(i)]) - mu) * a + sh)
 
     @cuda.jit
     def fwd_apply_cl(x, S, C, G, spos, nsb, mean, rstd, w, b, has_w, has_b, y):
-        """grid (N*nsb, ceil(C/TC)), block (TC, TS). Thread owns one channel."""
+        """grid (N*nsb, ceil(C/TC)), block (TC, TS). Thread owns one channel; whole tiles
+        of K positions (stride TS), then the tail."""
         v = cuda.local.array(K, acc)
         TC = cuda.blockDim.x
         TS = cuda.blockDim.y
@@ -402,17 +411,21 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
             ng = n * G + c // (C // G)
             mu = acc(mean[ng])
             a, sh = coefficients(acc(rstd[ng]), w, b, has_w, has_b, c)
-            s0 = kk * spos
-            s1 = min(s0 + spos, S)
-            base = n * S * C + c
-            for t0 in range(s0 + cuda.threadIdx.y, s1, TS * K):
+            m = min(spos, S - kk * spos)  # positions of this block
+            o0 = (n * S + kk * spos) * C + c
+            xb = x[o0:o0 + (m - 1) * C + 1]  # position s of the channel at s*C
+            yb = y[o0:o0 + (m - 1) * C + 1]
+            step = TS * C
+            full = m - m % (TS * K)
+            o = cuda.threadIdx.y * C
+            for _ in range(cuda.threadIdx.y, full, TS * K):
                 for j in range(K):
-                    s = t0 + j * TS
-                    v[j] = acc(x[base + s * C]) if s < s1 else acc(0)
+                    v[j] = acc(xb[U(o + j * step)])
                 for j in range(K):
-                    s = t0 + j * TS
-                    if s < s1:
-                        y[base + s * C] = activate((v[j] - mu) * a + sh)
+                    yb[U(o + j * step)] = activate((v[j] - mu) * a + sh)
+                o += K * step
+            for s in range(full + cuda.threadIdx.y, m, TS):
+                yb[U(s * C)] = activate((acc(xb[U(s * C)]) - mu) * a + sh)
 
     @cuda.jit
     def fill_stats(mean, rstd, rstd_value):
@@ -441,22 +454,28 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         ng = n * G + c // (C // G)
         mu = acc(mean[ng])
         a, sh = coefficients(acc(rstd[ng]), w, b, has_w, has_b, c)
-        s0 = kk * colchunk
-        s1 = min(s0 + colchunk, S)
-        base = row * S
+        s0 = row * S + kk * colchunk
+        m = min(colchunk, S - kk * colchunk)
+        xb = x[s0:s0 + m]
+        db = dy[s0:s0 + m]
         t1 = acc(0)
         t2 = acc(0)
         nt = cuda.blockDim.x  # a power of two <= T; short rows get small blocks
-        for t0 in range(s0 + tid, s1, nt * K):
+        full = m - m % (nt * K)
+        for t0 in range(tid, full, nt * K):
             for j in range(K):  # 2K independent loads
-                i = t0 + j * nt
-                vx[j] = acc(x[base + i]) if i < s1 else mu
-                vd[j] = acc(dy[base + i]) if i < s1 else acc(0)
+                vx[j] = acc(xb[U(t0 + j * nt)])
+                vd[j] = acc(db[U(t0 + j * nt)])
             for j in range(K):
                 xc = vx[j] - mu
-                dz = grad_pre(vd[j], xc * a + sh)  # padding: dz = 0, xc = 0
+                dz = grad_pre(vd[j], xc * a + sh)
                 t1 += dz
                 t2 += dz * xc
+        for i in range(full + tid, m, nt):
+            xc = acc(xb[U(i)]) - mu
+            dz = grad_pre(acc(db[U(i)]), xc * a + sh)
+            t1 += dz
+            t2 += dz * xc
         t1, t2 = block_sum2(tid, nt, t1, t2, s_a, s_b)
         if tid == 0:
             o = (row * cuda.gridDim.y + kk) * 2
@@ -485,19 +504,28 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
             ng = n * G + c // (C // G)
             mu = acc(mean[ng])
             a, sh = coefficients(acc(rstd[ng]), w, b, has_w, has_b, c)
-            s0 = kk * spos
-            s1 = min(s0 + spos, S)
-            base = n * S * C + c
-            for t0 in range(s0 + ty, s1, TS * K):
+            m = min(spos, S - kk * spos)
+            o0 = (n * S + kk * spos) * C + c
+            xb = x[o0:o0 + (m - 1) * C + 1]
+            db = dy[o0:o0 + (m - 1) * C + 1]
+            step = TS * C
+            full = m - m % (TS * K)
+            o = ty * C
+            for _ in range(ty, full, TS * K):
                 for j in range(K):
-                    s = t0 + j * TS
-                    vx[j] = acc(x[base + s * C]) if s < s1 else mu
-                    vd[j] = acc(dy[base + s * C]) if s < s1 else acc(0)
+                    vx[j] = acc(xb[U(o + j * step)])
+                    vd[j] = acc(db[U(o + j * step)])
                 for j in range(K):
                     xc = vx[j] - mu
                     dz = grad_pre(vd[j], xc * a + sh)
                     t1 += dz
                     t2 += dz * xc
+                o += K * step
+            for s in range(full + ty, m, TS):
+                xc = acc(xb[U(s * C)]) - mu
+                dz = grad_pre(acc(db[U(s * C)]), xc * a + sh)
+                t1 += dz
+                t2 += dz * xc
         s_a[ty * TC + tx] = t1
         s_b[ty * TC + tx] = t2
         cuda.syncthreads()
@@ -584,21 +612,26 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         rw = r * acc(w[c]) if has_w else r
         q1 = coef[2 * ng]
         q0 = coef[2 * ng + 1]
-        s0 = cuda.blockIdx.y * colchunk
-        s1 = min(s0 + colchunk, S)
-        base = row * S
+        s0 = row * S + cuda.blockIdx.y * colchunk
+        m = min(colchunk, S - cuda.blockIdx.y * colchunk)
+        xb = x[s0:s0 + m]
+        db = dy[s0:s0 + m]
+        ob = dx[s0:s0 + m]
         nt = cuda.blockDim.x
-        for t0 in range(s0 + cuda.threadIdx.x, s1, nt * K):
+        tid = cuda.threadIdx.x
+        full = m - m % (nt * K)
+        for t0 in range(tid, full, nt * K):
             for j in range(K):
-                i = t0 + j * nt
-                vx[j] = acc(x[base + i]) if i < s1 else mu
-                vd[j] = acc(dy[base + i]) if i < s1 else acc(0)
+                vx[j] = acc(xb[U(t0 + j * nt)])
+                vd[j] = acc(db[U(t0 + j * nt)])
             for j in range(K):
-                i = t0 + j * nt
-                if i < s1:
-                    xc = vx[j] - mu
-                    dz = grad_pre(vd[j], xc * a + sh)
-                    dx[base + i] = rw * dz + q1 * xc + q0
+                xc = vx[j] - mu
+                dz = grad_pre(vd[j], xc * a + sh)
+                ob[U(t0 + j * nt)] = rw * dz + q1 * xc + q0
+        for i in range(full + tid, m, nt):
+            xc = acc(xb[U(i)]) - mu
+            dz = grad_pre(acc(db[U(i)]), xc * a + sh)
+            ob[U(i)] = rw * dz + q1 * xc + q0
 
     @cuda.jit
     def bwd_dx_cl(dy, x, N, S, C, G, spos, nsb, mean, rstd, w, b, has_w, has_b, coef, dx,
@@ -609,6 +642,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         vd = cuda.local.array(K, acc)
         TC = cuda.blockDim.x
         TS = cuda.blockDim.y
+        ty = cuda.threadIdx.y
         bx = cuda.blockIdx.x
         n = bx // nsb
         kk = bx - n * nsb
@@ -621,20 +655,27 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
             rw = r * acc(w[c]) if has_w else r
             q1 = coef[2 * ng]
             q0 = coef[2 * ng + 1]
-            s0 = kk * spos
-            s1 = min(s0 + spos, S)
-            base = n * S * C + c
-            for t0 in range(s0 + cuda.threadIdx.y, s1, TS * K):
+            m = min(spos, S - kk * spos)
+            o0 = (n * S + kk * spos) * C + c
+            xb = x[o0:o0 + (m - 1) * C + 1]
+            db = dy[o0:o0 + (m - 1) * C + 1]
+            ob = dx[o0:o0 + (m - 1) * C + 1]
+            step = TS * C
+            full = m - m % (TS * K)
+            o = ty * C
+            for _ in range(ty, full, TS * K):
                 for j in range(K):
-                    s = t0 + j * TS
-                    vx[j] = acc(x[base + s * C]) if s < s1 else mu
-                    vd[j] = acc(dy[base + s * C]) if s < s1 else acc(0)
+                    vx[j] = acc(xb[U(o + j * step)])
+                    vd[j] = acc(db[U(o + j * step)])
                 for j in range(K):
-                    s = t0 + j * TS
-                    if s < s1:
-                        xc = vx[j] - mu
-                        dz = grad_pre(vd[j], xc * a + sh)
-                        dx[base + s * C] = rw * dz + q1 * xc + q0
+                    xc = vx[j] - mu
+                    dz = grad_pre(vd[j], xc * a + sh)
+                    ob[U(o + j * step)] = rw * dz + q1 * xc + q0
+                o += K * step
+            for s in range(full + ty, m, TS):
+                xc = acc(xb[U(s * C)]) - mu
+                dz = grad_pre(acc(db[U(s * C)]), xc * a + sh)
+                ob[U(s * C)] = rw * dz + q1 * xc + q0
 
     # ------------------------------------------------------------------ layout helper
 
