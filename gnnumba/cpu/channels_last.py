@@ -110,35 +110,35 @@ def _merge_group(pm, pq, n, g, sb, S, Cg, eps):
 
 
 @njit(inline="always")
-def _apply_task(t, x3, y3, pm, pq, sb, nb, Cg, eps, w, b, one, act, mean, rstd, cs):
-    """Normalise block t. The task merges its sample's statistics itself (G merges of nb
-    partials: little work, the same arithmetic in every task, so the same bits) instead of a
-    parallel region of its own; the sample's first block writes mean and rstd.
-    ``cs``: this task's (1, 3, C) coefficient rows."""
-    N, S, C = x3.shape
+def _merge_task(ng, pm, pq, sb, S, Cg, eps, w, b, mean, rstd, coef):
+    """(mean, rstd) and coefficients of group ng. A parallel region of its own: folding the
+    merges into the apply tasks repeats G*nb merges (each with a division) in every task,
+    measured 0.70x at (2, 320, 64, 64) on one thread."""
+    G = mean.shape[1]
+    n = ng // G
+    g = ng - n * G
+    mu, r = _merge_group(pm, pq, n, g, sb, S, Cg, eps)
+    mean[n, g] = mu
+    rstd[n, g] = r
+    set_coefs(coef, n, g, Cg, mu, r, w, b)
+
+
+@njit(inline="always")
+def _apply_task(t, x3, y3, sb, nb, coef, one, act):
     n = t // nb
-    k = t - n * nb
-    for g in range(C // Cg):
-        mu, r = _merge_group(pm, pq, n, g, sb, S, Cg, eps)
-        if k == 0:
-            mean[n, g] = mu
-            rstd[n, g] = r
-        set_coefs(cs, 0, g, Cg, mu, r, w, b)
-    sc = cs[0, 0]
-    sh = cs[0, 1]
-    m = cs[0, 2]
-    s0 = k * sb
-    for s in range(s0, min(s0 + sb, S)):
+    s0 = (t - n * nb) * sb
+    sc = coef[n, 0]
+    sh = coef[n, 1]
+    m = coef[n, 2]
+    for s in range(s0, min(s0 + sb, x3.shape[1])):
         xr = x3[n, s]
         yr = y3[n, s]
-        for c in range(C):
+        for c in range(xr.shape[0]):
             store(yr, c, forward(act, (load(xr, c) - m[c]) * sc[c] + sh[c], one))
 
 
 @kernel(parallel=True)
 def fwd(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
-    """Two parallel regions: block statistics, then merge and apply per block. ``coef``
-    only gives the compute dtype."""
     N, S, C = x3.shape
     G = mean.shape[1]
     sb, nb = blocking(S, C, block)
@@ -148,9 +148,10 @@ def fwd(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
     scratch64 = np.empty((N * nb, 2, C))
     for t in prange(N * nb):
         _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch, scratch64)
-    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
+    for ng in prange(N * G):
+        _merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
     for t in prange(N * nb):
-        _apply_task(t, x3, y3, pm, pq, sb, nb, C // G, eps, w, b, one, act, mean, rstd, cs[t])
+        _apply_task(t, x3, y3, sb, nb, coef, one, act)
 
 
 @kernel()
@@ -165,9 +166,10 @@ def fwd_serial(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
     scratch64 = np.empty((N * nb, 2, C))
     for t in range(N * nb):
         _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch, scratch64)
-    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
+    for ng in range(N * G):
+        _merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
     for t in range(N * nb):
-        _apply_task(t, x3, y3, pm, pq, sb, nb, C // G, eps, w, b, one, act, mean, rstd, cs[t])
+        _apply_task(t, x3, y3, sb, nb, coef, one, act)
 
 
 # --------------------------------------------------------------------------- gradient sums

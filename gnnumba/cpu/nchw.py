@@ -85,31 +85,28 @@ def fwd_split(x2, x3, w, b, eps, act, one, chunk, y3, mean, rstd, coef):
         lo = k * chunk
         hi = min(lo + chunk, D)
         pm[ng, k], pq[ng, k] = chunk_stats(x2[ng, lo:hi])
-    ns = (S + chunk - 1) // chunk
-    for t in prange(N * C * ns):
-        # each chunk task merges its group's partials itself (nk merges, the same arithmetic
-        # in every task) instead of a parallel region of its own
-        nc = t // ns
-        j = t - nc * ns
-        lo = j * chunk
-        n = nc // C
-        c = nc - n * C
-        g = c // Cg
-        ng = n * G + g
+    for ng in prange(N * G):
+        n = ng // G
+        g = ng - n * G
         cnt = 0
         mu = 0.0
         m2 = 0.0
         for k in range(nk):
-            klo = k * chunk
-            cnt, mu, m2 = merge(cnt, mu, m2, min(klo + chunk, D) - klo, pm[ng, k], pq[ng, k])
+            lo = k * chunk
+            cnt, mu, m2 = merge(cnt, mu, m2, min(lo + chunk, D) - lo, pm[ng, k], pq[ng, k])
         r = rstd_of(m2, D, eps)
-        if j == 0 and c == g * Cg:
-            mean[n, g] = mu
-            rstd[n, g] = r
+        mean[n, g] = mu
+        rstd[n, g] = r
+        set_coefs(coef, n, g, Cg, mu, r, w, b)
+    ns = (S + chunk - 1) // chunk
+    for t in prange(N * C * ns):
+        nc = t // ns
+        lo = (t - nc * ns) * chunk
+        n = nc // C
+        c = nc - n * C
         hi = min(lo + chunk, S)
-        # the coefficients rounded to x's compute dtype, as set_coefs stores them
-        _apply_row(x3[n, c, lo:hi], y3[n, c, lo:hi], cast(coef, r * w[c]), cast(coef, b[c]),
-                   cast(coef, mu), one, act)
+        _apply_row(x3[n, c, lo:hi], y3[n, c, lo:hi], coef[n, 0, c], coef[n, 1, c],
+                   coef[n, 2, c], one, act)
 
 
 # --------------------------------------------------------------------------- gradient sums
