@@ -290,11 +290,7 @@ def per_sample_param_grads(dy, x, mean, rstd, num_groups, weight=None, bias=None
     if _is_cuda_array(x):
         _checks.check_ndim(x.shape)
         G = _checks.check_num_groups(num_groups, x.shape[1])
-        backend = _cuda_backend()
-        if not hasattr(backend, "per_sample_param_grads"):
-            raise NotImplementedError("per_sample_param_grads for CUDA arrays needs a newer "
-                                      "gnnumba.gpu; copy the arrays to the host meanwhile")
-        return backend.per_sample_param_grads(
+        return _cuda_backend().per_sample_param_grads(
             dy, x, mean, rstd, G, weight, bias, activation=_checks.check_activation(activation))
     p = _backward_inputs(dy, x, mean, rstd, num_groups, weight, bias, activation)
     N, C = p.x.shape[:2]
