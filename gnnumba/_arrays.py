@@ -127,13 +127,13 @@ def take(a, name: str):
             )
         a = a.view(np.ndarray)  # np.memmap and other subclasses: the same memory
         return a, _numpy_dtype(a, name), NUMPY
-    import array_api_compat as aac
-
-    if aac.is_torch_array(a):
-        return _take_torch(a, name)
-    if aac.is_jax_array(a):
-        return _take_jax(a, name)
     if hasattr(a, "__dlpack__"):
+        import array_api_compat as aac
+
+        if aac.is_torch_array(a):
+            return _take_torch(a, name)
+        if aac.is_jax_array(a):
+            return _take_jax(a, name)
         return _take_dlpack(a, name)
     if hasattr(a, "__array_interface__"):
         a = np.asarray(a)  # a view of the exporter's memory

@@ -222,3 +222,59 @@ def test_numpy_subclass_memmap_accepted(tmp_path):
     m[...] = x
     y = gnnumba.group_norm(m, 2)
     assert type(y) is np.ndarray and np.array_equal(y, gnnumba.group_norm(x, 2))
+
+
+def test_numpy_alone_imports_and_runs_without_torch_jax_or_array_api_compat():
+    """The NumPy route needs neither the frameworks nor array-api-compat: with all three made
+    unimportable, gnnumba imports and computes, and NumPy arrays never import them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'jax', 'array_api_compat'): sys.modules[m] = None\n"
+        "import numpy as np, gnnumba\n"
+        "x = np.ones((2, 4, 3), np.float32)\n"
+        "y, m, r = gnnumba.group_norm_forward(x, 2)\n"
+        "gnnumba.per_sample_param_grads(x, x, m, r, 2)\n"
+        "try:\n"
+        "    gnnumba.group_norm([[1.0]], 1)\n"
+        "except TypeError as e:\n"
+        "    assert 'must be a numpy.ndarray' in str(e)\n"
+        "print('ok', float(y.sum()))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "ok 0.0"
+
+
+def test_cuda_arrays_go_to_the_cuda_backend(monkeypatch):
+    """A CUDA array is handed to gnnumba.gpu with the validated group count and activation
+    (the kernels themselves are tested in test_cuda*.py)."""
+    import gnnumba.api as api
+
+    class FakeCuda:
+        shape = (2, 4, 3)
+
+    calls = []
+
+    class Backend:
+        def per_sample_param_grads(self, *args, **kw):
+            calls.append(("psg", args, kw))
+            return "psg"
+
+        def group_norm_backward(self, *args, **kw):
+            calls.append(("bwd", args, kw))
+            return "bwd"
+
+    monkeypatch.setattr(api, "_is_cuda_array", lambda a: isinstance(a, FakeCuda))
+    monkeypatch.setattr(api, "_cuda_backend", lambda: Backend())
+    x = FakeCuda()
+    assert gnnumba.per_sample_param_grads(x, x, "m", "r", np.int64(2),
+                                          activation="relu") == "psg"
+    assert calls[-1][1][4] == 2 and type(calls[-1][1][4]) is int
+    assert calls[-1][2] == {"activation": "relu"}
+    assert gnnumba.group_norm_backward(x, x, "m", "r", 2) == "bwd"
+    with pytest.raises(ValueError, match="valid group counts"):
+        gnnumba.per_sample_param_grads(x, x, "m", "r", 3)
