@@ -7,8 +7,14 @@ to hand a result back as the caller's kind (torch in -> torch out, JAX in -> JAX
 stays NumPy).
 
 * NumPy arrays are used as they are (checked first: the common case pays nothing more).
-* torch tensors and JAX arrays, and any other CPU array that speaks DLPack (``__dlpack__``),
-  are viewed through ``np.from_dlpack``: zero-copy, NCHW and channels-last strides kept.
+* any CPU array that speaks DLPack (``__dlpack__``) is viewed through ``np.from_dlpack``:
+  zero-copy, NCHW and channels-last strides kept. torch tensors and JAX arrays, the two
+  kinds known by name, take their frameworks' own zero-copy NumPy routes instead, which
+  are the same memory for less time per call: ``t.numpy()`` 0.6 us against
+  ``np.from_dlpack(t)`` 2.7 us, ``torch.from_numpy`` 0.5 us against ``torch.from_dlpack``
+  1.1 us, ``np.asarray(jax_array)`` 0.7 us against ``np.from_dlpack`` 4.2 us (per array; a
+  forward moves six). JAX results are made with ``jnp.from_dlpack`` (a view of a 64-byte
+  aligned buffer).
 * NumPy has no bfloat16 and Numba's CPU target no float16, so the half types travel as their
   bits (``cpu.HALF_BITS``: bfloat16 as uint16, float16 as int16); the kernels convert them in
   registers. JAX bfloat16 is read through NumPy's buffer protocol (``ml_dtypes``), because
@@ -21,6 +27,7 @@ API sends them to ``gnnumba.gpu`` first.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,6 +54,7 @@ class Kind:
     writeable: bool  # whether ``out=`` may be of this kind
     wrap: Callable[[np.ndarray, str], object]
     cast: Callable[[np.ndarray, str], object]
+    aligned: bool = False  # whether outputs must be 64-byte aligned to be wrapped without a copy
 
 
 def _numpy_cast(a, dtype):
@@ -62,8 +70,9 @@ def _torch_kind():
     bits = {"float16": torch.int16, "bfloat16": torch.uint16}
 
     def wrap(a, dtype):
-        t = torch.from_dlpack(a)
-        return t.view(getattr(torch, dtype)) if dtype in HALF else t
+        if dtype in HALF:
+            return torch.from_numpy(a).view(getattr(torch, dtype))
+        return torch.from_numpy(a)
 
     def cast(a, dtype):
         return torch.from_numpy(a).to(getattr(torch, dtype))
@@ -85,7 +94,7 @@ def _jax_kind():
     def cast(a, dtype):
         return jnp.asarray(a, dtype=getattr(jnp, dtype))
 
-    return Kind("jax", False, wrap, cast)
+    return Kind("jax", False, wrap, cast, aligned=True)
 
 
 def _other_kind(a):
@@ -173,10 +182,10 @@ def _take_torch(t, name):
     if dtype in HALF:
         t = t.view(bits[dtype])
     try:
-        a = np.from_dlpack(t)
+        a = t.numpy()  # zero-copy, strides kept (see the module docstring)
     except (BufferError, RuntimeError, TypeError) as e:  # sparse, conjugate, int4, ...
         raise TypeError(f"{name} (torch tensor of dtype {dtype}, layout {t.layout}) cannot "
-                        f"be exported through DLPack: {e}") from None
+                        f"be viewed as an array: {e}") from None
     return a, dtype, kind
 
 
@@ -196,10 +205,9 @@ def _take_jax(j, name):
     if devices != {"cpu"}:
         _refuse_device(name, "/".join(sorted(devices)))
     dtype = str(j.dtype)
+    a = np.asarray(j)  # a read-only view of the CPU buffer (bfloat16: an ml_dtypes array)
     if dtype == "bfloat16":
-        a = np.asarray(j).view(cpu.HALF_BITS["bfloat16"])  # ml_dtypes buffer: no copy
-    else:
-        a = np.from_dlpack(j)
+        a = a.view(cpu.HALF_BITS["bfloat16"])
     return a, dtype, _JAX
 
 
@@ -247,10 +255,13 @@ def as_compute(a: np.ndarray, dtype: str) -> np.ndarray:
     return a
 
 
-def empty(shape, dtype) -> np.ndarray:
-    """``cpu.empty`` (pages mapped) aligned to 64 bytes, so JAX can take it as a view."""
+def empty(shape, dtype, aligned: bool = False) -> np.ndarray:
+    """``cpu.empty`` (pages mapped); ``aligned``: at a multiple of 64 bytes, so that JAX can
+    take it as a view (costs ~2 us, so only for kinds that need it)."""
+    if not aligned:
+        return cpu.empty(shape, dtype)
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     buf = cpu.empty(nbytes + _ALIGN, np.uint8)
     off = -buf.__array_interface__["data"][0] % _ALIGN
     return buf[off:off + nbytes].view(dtype).reshape(shape)

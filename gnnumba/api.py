@@ -69,14 +69,15 @@ def _views(x: np.ndarray, channels_last: bool) -> np.ndarray:
     return x.reshape(N, C, S)
 
 
-def _empty_like_layout(x: np.ndarray, channels_last: bool, dtype=None) -> np.ndarray:
-    """A new output of x's shape in the given layout, its pages mapped and 64-byte aligned
-    (``_arrays.empty``)."""
+def _empty_like_layout(x: np.ndarray, channels_last: bool, dtype=None,
+                       aligned: bool = False) -> np.ndarray:
+    """A new output of x's shape in the given layout, its pages mapped (``_arrays.empty``;
+    ``aligned`` for kinds that need it)."""
     dtype = x.dtype if dtype is None else dtype
     if channels_last:
         shape = (x.shape[0],) + x.shape[2:] + (x.shape[1],)
-        return np.moveaxis(_arrays.empty(shape, dtype), -1, 1)
-    return _arrays.empty(x.shape, dtype)
+        return np.moveaxis(_arrays.empty(shape, dtype, aligned), -1, 1)
+    return _arrays.empty(x.shape, dtype, aligned)
 
 
 def _as_layout(a: np.ndarray, channels_last: bool) -> np.ndarray:
@@ -179,7 +180,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, activ
 def _out(out, x, dtype, kind, channels_last, params):
     """The storage ``y`` is written to: a new array in x's layout, or ``out`` checked."""
     if out is None:
-        return _empty_like_layout(x, channels_last)
+        return _empty_like_layout(x, channels_last, aligned=kind.aligned)
     if not kind.writeable:
         raise TypeError(f"out cannot be a {kind.name} array: {kind.name} arrays are immutable; "
                         f"leave out=None and use the returned array")
@@ -266,7 +267,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, bias=None, *
             dy, x, mean, rstd, G, weight, bias, activation=_checks.check_activation(activation))
     p = _backward_inputs(dy, x, mean, rstd, num_groups, weight, bias, activation)
     N, C = p.x.shape[:2]
-    dx = _empty_like_layout(p.x, p.channels_last)
+    dx = _empty_like_layout(p.x, p.channels_last, aligned=p.kind.aligned)
     if _is_empty(p.x.shape):
         dweight_ps, dbias_ps = np.zeros((N, C)), np.zeros((N, C))
     else:
