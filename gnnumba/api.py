@@ -147,6 +147,12 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, activ
     of ``x`` (NCHW or channels-last). All three are of x's kind (NumPy, torch, JAX, ...).
     ``out``: a writeable array of x's kind, shape and dtype (x itself for in-place).
     """
+    return _forward(x, num_groups, weight, bias, eps, activation, out, stats=True)
+
+
+def _forward(x, num_groups, weight, bias, eps, activation, out, stats):
+    """``group_norm_forward``; with ``stats=False`` mean/rstd are not converted to x's kind
+    (``group_norm`` drops them: for JAX that saves two array constructions, ~20 us each)."""
     if _is_cuda_array(x):
         _checks.check_ndim(x.shape)
         G = _checks.check_num_groups(num_groups, x.shape[1])
@@ -174,6 +180,8 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, activ
         if y_target is not y:
             np.copyto(y, y_target)
     y_out = out if out is not None else kind.wrap(y, dtype)
+    if not stats:
+        return y_out, None, None
     return y_out, _stats(mean, acc, kind), _stats(rstd, acc, kind)
 
 
@@ -208,8 +216,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=No
     """GroupNorm (Wu & He, 2018) of ``x`` with shape (N, C, *spatial); returns ``y`` of x's
     kind. ``out`` may be a preallocated array of x's kind, shape and dtype (x itself for
     in-place)."""
-    return group_norm_forward(x, num_groups, weight, bias, eps, activation=activation,
-                              out=out)[0]
+    return _forward(x, num_groups, weight, bias, eps, activation, out, stats=False)[0]
 
 
 # --------------------------------------------------------------------------- backward
