@@ -153,7 +153,14 @@ def take(a, name: str):
     )
 
 
+# dtype -> name without ``np.dtype.name`` (pure Python in NumPy, ~4 us a call)
+_NAMES = {np.dtype(t): np.dtype(t).name for t in (np.float32, np.float64, np.float16)}
+
+
 def _numpy_dtype(a: np.ndarray, name: str) -> str:
+    dtype_name = _NAMES.get(a.dtype)
+    if dtype_name is not None:
+        return dtype_name
     if not a.dtype.isnative and a.dtype.kind == "f":
         raise TypeError(
             f"{name} has non-native byte order (dtype '{a.dtype.str}'); convert it once with "
@@ -240,9 +247,12 @@ def same_kind(kind: Kind, x_kind: Kind, name: str) -> None:
 # --------------------------------------------------------------------------- storage
 
 
+_STORAGE = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64), **cpu.HALF_BITS}
+
+
 def storage_dtype(dtype: str) -> np.dtype:
     """The NumPy dtype the kernels see for element type ``dtype`` (half types as bits)."""
-    return cpu.HALF_BITS.get(dtype) or np.dtype(dtype)
+    return _STORAGE[dtype]
 
 
 def as_compute(a: np.ndarray, dtype: str) -> np.ndarray:

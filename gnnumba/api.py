@@ -12,6 +12,7 @@ per-sample gradients summed over N, in order.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -47,7 +48,9 @@ def _take(a, name, x_kind=None):
         _arrays.same_kind(kind, x_kind, name)
     allowed = NUMPY_DTYPES if kind is _arrays.NUMPY else DLPACK_DTYPES
     _checks.check_dtype_name(dtype, allowed, name)
-    return storage.view(_arrays.storage_dtype(dtype)), dtype, kind
+    if dtype in _arrays.HALF:  # NumPy float16 from a DLPack producer: the kernels take bits
+        storage = storage.view(_arrays.storage_dtype(dtype))
+    return storage, dtype, kind
 
 
 # --------------------------------------------------------------------------- layouts
@@ -63,7 +66,7 @@ def is_channels_last(x: np.ndarray) -> bool:
 def _views(x: np.ndarray, channels_last: bool) -> np.ndarray:
     """3-D view (N, C, S) for NCHW or (N, S, C) for channels-last; no copy."""
     N, C = x.shape[:2]
-    S = int(np.prod(x.shape[2:], dtype=np.int64))  # not -1: N == 0 leaves it undetermined
+    S = math.prod(x.shape[2:])  # not -1: N == 0 leaves it undetermined
     if channels_last:
         return np.moveaxis(x, 1, -1).reshape(N, S, C)
     return x.reshape(N, C, S)
@@ -132,7 +135,7 @@ def _is_empty(shape) -> bool:
 def _stats(a64: np.ndarray, acc: np.dtype, kind):
     """mean/rstd (float64 from the kernels) in the accumulation dtype, as x's kind."""
     a = a64.astype(acc, copy=False)
-    return kind.wrap(a, acc.name)
+    return kind.wrap(a, "float64" if acc == np.float64 else "float32")
 
 
 # --------------------------------------------------------------------------- forward
