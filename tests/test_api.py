@@ -278,3 +278,26 @@ def test_cuda_arrays_go_to_the_cuda_backend(monkeypatch):
     assert gnnumba.group_norm_backward(x, x, "m", "r", 2) == "bwd"
     with pytest.raises(ValueError, match="valid group counts"):
         gnnumba.per_sample_param_grads(x, x, "m", "r", 3)
+
+
+class _DLPackOnly:
+    """An array of a library gnnumba knows nothing about: only the DLPack protocol."""
+
+    def __init__(self, t):
+        self._t = t
+
+    def __dlpack__(self, **kw):
+        return self._t.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._t.__dlpack_device__()
+
+
+def test_any_dlpack_producer_is_read_in_place(monkeypatch):
+    """A producer array_api_compat has no namespace for: read zero-copy, NumPy results."""
+    seen = _record_kernel_pointers(monkeypatch)
+    t = torch.from_numpy(cases.inputs((2, 8, 3, 3), np.float32)[0])
+    y, mean, rstd = gnnumba.group_norm_forward(_DLPackOnly(t), 4)
+    assert seen["x"] == t.data_ptr()
+    assert type(y) is np.ndarray and mean.dtype == np.float32
+    assert np.array_equal(y, gnnumba.group_norm(t.numpy(), 4))
