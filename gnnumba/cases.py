@@ -187,7 +187,10 @@ DISTRIBUTIONS = {
 
 def values(distribution: str, shape, seed: int = 0) -> np.ndarray:
     """float64 values of ``shape`` drawn from ``DISTRIBUTIONS[distribution]``."""
-    rng = np.random.default_rng(seed)
+    return _draw(distribution, shape, np.random.default_rng(seed))
+
+
+def _draw(distribution: str, shape, rng) -> np.ndarray:
     z = rng.standard_normal(shape)
     if distribution == "normal":
         return z
@@ -213,9 +216,9 @@ def values(distribution: str, shape, seed: int = 0) -> np.ndarray:
 def inputs(shape, dtype="float32", seed: int = 0, distribution: str = "normal"):
     """(x, weight, bias, dy) in ``dtype`` (a NumPy dtype: float32/float64; the half types are
     the caller's to make, e.g. ``torch.from_numpy(x).bfloat16()``), C-contiguous."""
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng(seed)
     C = shape[1]
-    x = values(distribution, shape, seed)
+    x = _draw(distribution, shape, rng)
     w = 1.0 + 0.5 * rng.standard_normal(C)
     b = rng.standard_normal(C)
     dy = rng.standard_normal(shape)
