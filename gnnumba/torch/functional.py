@@ -101,6 +101,15 @@ def _check_param(name: str, p, x: Tensor, C: int) -> None:
     if not isinstance(p, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape ({C},) or None, "
                         f"got {type(p).__name__}")
+    if type(p) not in _PLAIN_PARAM:
+        # a subclass (e.g. Opacus' ExpandedWeights, which refuses .dim()): check the tensor
+        # itself, without its __torch_function__
+        with torch._C.DisableTorchFunctionSubclass():
+            return _check_plain_param(name, p, x, C)
+    _check_plain_param(name, p, x, C)
+
+
+def _check_plain_param(name: str, p: Tensor, x: Tensor, C: int) -> None:
     if p.dim() != 1 or p.shape[0] != C:
         _reraise(ShapeError, _checks.check_param_shape, name, tuple(p.shape), C)
     if not p.is_floating_point():
