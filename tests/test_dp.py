@@ -253,7 +253,8 @@ def test_registered_for_the_exact_class():
         GradSampleModuleFastGradientClipping as Ghost,
     )
 
-    assert GradSampleModule.GRAD_SAMPLERS[GroupNorm] is dp.grad_sampler.compute_group_norm_grad_sample
+    gs = dp.grad_sampler
+    assert GradSampleModule.GRAD_SAMPLERS[GroupNorm] is gs.compute_group_norm_grad_sample
     assert Ghost.NORM_SAMPLERS[GroupNorm] is dp.grad_sampler.compute_group_norm_norm_sample
     assert list(GroupNorm(2, 4).buffers()) == []
 
