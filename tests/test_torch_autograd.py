@@ -154,6 +154,27 @@ def test_vmap_folds_into_batch(layout):
     _assert_same(_both(lambda f: vmap(lambda t: f(t, 3, w, b), in_dims=1)(x.movedim(0, 1))))
 
 
+def test_vmap_runs_the_kernels_once_on_the_folded_batch(monkeypatch):
+    """vmap folds into N: one kernel call on (B*N, C, ...), forward and backward."""
+    from gnnumba.torch import ops
+    calls = []
+    for name in ("forward_impl", "backward_impl"):
+        real = getattr(ops, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append((_name, tuple(a[1 if _name == "backward_impl" else 0].shape)))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(ops, name, spy)
+    x, w, b = inputs((5, 6, 4))
+
+    def loss(w_, b_, xi):
+        return gt.group_norm(xi[None], 3, w_, b_).pow(2).sum()
+
+    vmap(grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(w, b, x)
+    assert calls == [("forward_impl", (5, 6, 4)), ("backward_impl", (5, 6, 4))], calls
+
+
 def test_vmap_over_parameters():
     """Ensembling: a vmapped weight and bias (each member its own affine)."""
     x, _, _ = inputs((2, 6, 3))

@@ -160,29 +160,26 @@ def _run(x: Tensor, G: int, weight, bias, eps: float, act: int) -> Tensor:
         return _custom_op(x, G, weight, bias, eps, act)
     if type(x) is not Tensor or type(weight) not in _PLAIN_PARAM or \
             type(bias) not in _PLAIN_PARAM:
-        if x.device.type == "meta" or isinstance(x, torch._subclasses.FakeTensor):
+        if x.is_meta or isinstance(x, torch._subclasses.FakeTensor):
             return _custom_op(x, G, weight, bias, eps, act)
         return library.composite(x, G, weight, bias, eps, act)
-    if x.device.type == "meta":
-        return _custom_op(x, G, weight, bias, eps, act)
     if not (x.is_cpu or x.is_cuda):
+        if x.is_meta:
+            return _custom_op(x, G, weight, bias, eps, act)
         raise DeviceError(f"gnnumba runs on CPU and CUDA tensors, got a tensor on "
                           f"{x.device.type}; move it with .cpu() or use torch.nn.GroupNorm")
-    if _transformed() or (torch.is_grad_enabled() and (
+    if (torch.is_grad_enabled() and (
             x.requires_grad
             or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad))):
+            or (bias is not None and bias.requires_grad))) or \
+            _interpreter_stack() is not None or _forward_ad._current_level >= 0:
+        # a gradient is needed, or a torch.func transform / forward-mode AD level is active
         return GroupNormFunction.apply(x, G, weight, bias, eps, act)[0]
     return ops.forward_y(x, G, weight, bias, eps, act)
 
 
 _forward_ad = torch.autograd.forward_ad
 _interpreter_stack = torch._C._functorch.peek_interpreter_stack
-
-
-def _transformed() -> bool:
-    """A torch.func transform or a forward-mode AD level is active."""
-    return _interpreter_stack() is not None or _forward_ad._current_level >= 0
 
 
 # --------------------------------------------------------------------------- public

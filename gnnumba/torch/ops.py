@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import activations, cpu
+from .. import activations, config, cpu
 
 _HALF = (torch.float16, torch.bfloat16)
 # CUDA dtypes handed to the kernels as they are (bfloat16 is upcast to float32)
@@ -117,6 +117,10 @@ class _Plan(NamedTuple):
     storage: np.dtype   # NumPy dtype the kernels see (half types: their bits)
     compute: np.dtype   # dtype the kernels compute in (float32 for half types)
     mem_shape: tuple    # output shape in memory order
+    mem3: tuple         # the kernels' 3-D view of it: (N, C, S) or (N, S, C)
+    empty: bool         # no elements
+    small: bool         # output below cpu.empty's pre-faulting size: plain np.empty
+    param_dtype: torch.dtype  # torch dtype of the compute dtype (parameters taken as they are)
     to_logical: Optional[tuple]  # channels-last: axes from memory order to (N, C, *spatial)
     to_memory: Optional[tuple]   # and back
 
@@ -140,9 +144,13 @@ def _plan(x: Tensor, G: int) -> _Plan:
             S *= s
         nd = len(shape)
         storage = _NP_STORAGE[x.dtype]
+        compute = cpu.compute_dtype(storage)
         plan = _PLANS[key] = _Plan(
             copy=not (contiguous or cl), cl=cl, N=N, C=C, S=S, storage=storage,
-            compute=cpu.compute_dtype(storage), mem_shape=mem_shape(shape, cl),
+            compute=compute, mem_shape=mem_shape(shape, cl),
+            mem3=(N, S, C) if cl else (N, C, S), empty=N * C * S == 0,
+            small=N * C * S * storage.itemsize < config.CPU_PREFAULT_MIN_BYTES,
+            param_dtype=_TORCH_OF[compute],
             to_logical=(0, nd - 1) + tuple(range(1, nd - 1)) if cl else None,
             to_memory=(0,) + tuple(range(2, nd)) + (1,) if cl else None)
     return plan
@@ -157,9 +165,7 @@ def _np3(t: Tensor, p: _Plan) -> np.ndarray:
     """(N, C, S) view of an NCHW tensor, or (N, S, C) of a channels-last one. The memory-order
     array is C-contiguous, so NumPy reshapes it without copying."""
     a = _np_view(t)
-    if p.cl:
-        return a.transpose(p.to_memory).reshape(p.N, p.S, p.C)
-    return a.reshape(p.N, p.C, p.S)
+    return (a.transpose(p.to_memory) if p.cl else a).reshape(p.mem3)
 
 
 def _cpu_out(p: _Plan, dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
@@ -169,8 +175,8 @@ def _cpu_out(p: _Plan, dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
     transparent huge pages on large arrays and torch's CPU allocator does not, so a fresh
     torch tensor pays one page fault per 4 KiB on first touch (at 8x256x64x64 float32,
     torch.empty_like + fill measured 28 ms against 6.5 ms through NumPy)."""
-    a = cpu.empty(p.mem_shape, p.storage)
-    a3 = a.reshape(p.N, p.S, p.C) if p.cl else a.reshape(p.N, p.C, p.S)
+    a = np.empty(p.mem_shape, p.storage) if p.small else cpu.empty(p.mem_shape, p.storage)
+    a3 = a.reshape(p.mem3)
     t = torch.from_numpy(a.transpose(p.to_logical) if p.cl else a)
     return (t.view(dtype) if dtype in _HALF else t), a3
 
@@ -181,20 +187,20 @@ def _cpu_out(p: _Plan, dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
 _PARAM_VIEWS: dict = {}
 
 
-def _np_param(p: Optional[Tensor], C: int, default: float, compute: np.dtype) -> np.ndarray:
+def _np_param(p: Optional[Tensor], plan: _Plan, default: float) -> np.ndarray:
     """A (C,) parameter as the CPU kernels take it, in x's compute dtype: a cached zero-copy
     view, or a converted copy when the dtypes differ (e.g. bfloat16 weights)."""
     if p is None:
-        return cpu.default_param(C, compute, default)
-    if p.dtype is _TORCH_OF[compute] and p.is_contiguous():
-        key = (p.data_ptr(), C, compute)
+        return cpu.default_param(plan.C, plan.compute, default)
+    if p.dtype is plan.param_dtype and p.is_contiguous():
+        key = (p.data_ptr(), plan.C, plan.param_dtype)
         a = _PARAM_VIEWS.get(key)
         if a is None:
             if len(_PARAM_VIEWS) >= 1024:
                 _PARAM_VIEWS.clear()
             a = _PARAM_VIEWS[key] = p.detach().numpy()
         return a
-    return p.detach().to(_TORCH_OF[compute]).contiguous().numpy()
+    return p.detach().to(plan.param_dtype).contiguous().numpy()
 
 
 def _cpu_forward(x: Tensor, G: int, weight, bias, eps: float, act: int,
@@ -205,12 +211,12 @@ def _cpu_forward(x: Tensor, G: int, weight, bias, eps: float, act: int,
         p = _plan(x, G)
     if x.requires_grad:
         x = x.detach()
-    if p.N * p.C * p.S == 0:
+    if p.empty:
         y = empty_like_layout(x, p.cl)
         return (y,) + _empty_stats(x, G, torch.float64) if stats else y
     y, y3 = _cpu_out(p, x.dtype)
-    mean, rstd = cpu.forward(_np3(x, p), G, _np_param(weight, p.C, 1.0, p.compute),
-                             _np_param(bias, p.C, 0.0, p.compute), eps, act, y3, p.cl)
+    mean, rstd = cpu.forward(_np3(x, p), G, _np_param(weight, p, 1.0),
+                             _np_param(bias, p, 0.0), eps, act, y3, p.cl)
     if not stats:
         return y
     return y, torch.from_numpy(mean), torch.from_numpy(rstd)
@@ -226,7 +232,7 @@ def _cpu_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
     dy = dy.detach()
     if dy.dtype != x.dtype or dy.stride() != x.stride():
         dy = in_layout(dy.to(x.dtype), p.cl)
-    if p.N * p.C * p.S == 0:
+    if p.empty:
         zeros = x.new_zeros((p.N, p.C) if per_sample else p.C, dtype=torch.float64)
         return empty_like_layout(x, p.cl), zeros, zeros.clone()
     dx, dx3 = _cpu_out(p, x.dtype)
@@ -234,8 +240,7 @@ def _cpu_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
         _np3(dy, p), _np3(x, p),
         np.ascontiguousarray(mean.detach().numpy(), dtype=np.float64),
         np.ascontiguousarray(rstd.detach().numpy(), dtype=np.float64),
-        _np_param(weight, p.C, 1.0, p.compute), _np_param(bias, p.C, 0.0, p.compute),
-        act, dx3, p.cl)
+        _np_param(weight, p, 1.0), _np_param(bias, p, 0.0), act, dx3, p.cl)
     if per_sample:
         return dx, torch.from_numpy(dw_n), torch.from_numpy(db_n)
     dw, db = cpu.reduce_params(dw_n, db_n)  # sums over N in order: deterministic

@@ -1,0 +1,252 @@
+"""Machine code of every CUDA kernel specialisation, without a GPU: the speed evidence.
+
+    python benchmarks/cuda_sass.py [--cc 80 90] [--dtype float16 float32 ...] [--kernel NAME]
+                                   [--shapes] [--json PATH]
+
+Each kernel of ``gnnumba.gpu.kernels`` is compiled by Numba to PTX for sm_80 and sm_90,
+assembled by ``ptxas`` and disassembled by ``nvdisasm`` (the ``nvidia-cuda-nvdisasm`` wheel).
+Per kernel it prints registers, shared memory, stack, theoretical occupancy, and for its hot
+loop (the innermost loop that loads the streamed tensors):
+
+* ``inst``: SASS instructions in the loop body (static count; subroutines it CALLs, e.g. the
+  software 64-bit division, are added once per call),
+* ``elem``: elements of the streamed tensor(s) per iteration (global-load bytes in the body /
+  item size / number of streamed inputs),
+* ``inst/elem`` and ``ldg``: the issue cost per element and the global loads per iteration
+  (loads issued before the first store of the body = loads a thread has in flight).
+
+``--shapes`` adds a bandwidth prediction per SD-UNet shape on an H100 SXM (see ``predict``).
+
+ptxas of CUDA 13.0 accepts PTX ISA up to 9.0 while NVVM 13.5 writes 9.5: the ``.version``
+line is lowered (ptxas still rejects any instruction its ISA lacks). Figures are static: the
+first GPU run (``benchmarks/bench_cuda.py``) is the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# sm_80 (A100) and sm_90 (H100): 64K registers, 2048 threads, 32 blocks per SM; shared memory
+# per SM usable by blocks (carve-out maximum)
+SM_LIMITS = {80: dict(regs=65536, threads=2048, blocks=32, smem=164 * 1024),
+             90: dict(regs=65536, threads=2048, blocks=32, smem=228 * 1024)}
+
+
+def _tool(name):
+    path = shutil.which(name)
+    if path:
+        return path
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            for cand in Path(base).glob(f"*/bin/{name}"):
+                return str(cand)
+    except ImportError:
+        pass
+    return None
+
+
+PTXAS = _tool("ptxas")
+NVDISASM = _tool("nvdisasm")
+
+
+def assemble(ptx: str, cc: int, tmp: str):
+    """(cubin path, ptxas -v text)."""
+    src = os.path.join(tmp, "k.ptx")
+    cubin = os.path.join(tmp, "k.cubin")
+    for _ in range(2):
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([PTXAS, f"-arch=sm_{cc}", "-v", src, "-o", cubin],
+                              capture_output=True, text=True)
+        m = re.search(r"Unsupported \.version (\S+); current version is '(\S+)'", proc.stderr)
+        if proc.returncode == 0 or not m:
+            break
+        ptx = re.sub(r"^\.version \S+", f".version {m.group(2)}", ptx, flags=re.M)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    return cubin, proc.stderr + proc.stdout
+
+
+def resources(text: str) -> dict:
+    res = {"registers": int(re.search(r"Used (\d+) registers", text).group(1))}
+    for key, pat in [("smem", r"(\d+) bytes smem"), ("stack", r"(\d+) bytes stack frame"),
+                     ("spills", r"(\d+) bytes spill stores")]:
+        m = re.search(pat, text)
+        res[key] = int(m.group(1)) if m else 0
+    return res
+
+
+def occupancy(cc: int, regs: int, smem: int, threads: int) -> float:
+    """Theoretical occupancy (resident warps / 64): register file (allocated per warp in units
+    of 256), shared memory, thread and block limits."""
+    lim = SM_LIMITS[cc]
+    warps = -(-threads // 32)
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = lim["regs"] // (regs_per_warp * warps)
+    by_smem = lim["smem"] // max(smem + 1024, 1)  # 1 KiB reserved per block
+    by_threads = lim["threads"] // (warps * 32)
+    blocks = min(by_regs, by_smem, by_threads, lim["blocks"])
+    return blocks * warps / (lim["threads"] // 32)
+
+
+_INST = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+|\$[\w$]+):")
+_WIDTH = {"": 4, ".U8": 1, ".S8": 1, ".U16": 2, ".S16": 2, ".64": 8, ".128": 16}
+
+
+def _ldg_bytes(op: str) -> int:
+    m = re.match(r"LDG(\.E)?((?:\.\w+)*)", op)
+    mods = m.group(2) if m else ""
+    for key in (".128", ".64", ".U16", ".S16", ".U8", ".S8"):
+        if key in mods.split(".") or key in mods:
+            return _WIDTH[key]
+    return 4
+
+
+def disassemble(cubin: str):
+    """[(addr, text)] of the kernel and {label: addr}, {subroutine label: size}."""
+    out = subprocess.run([NVDISASM, "-c", cubin], capture_output=True, text=True, check=True)
+    insts, labels = [], {}
+    pending = []
+    for line in out.stdout.splitlines():
+        m = _LABEL.match(line.strip())
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INST.search(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for p in pending:
+                labels[p] = addr
+            pending = []
+            insts.append((addr, m.group(2)))
+    return insts, labels
+
+
+def hot_loop(insts, labels, itemsize: int, inputs: int):
+    """Figures of the innermost loop (backward branch) with global loads, the largest one
+    (the streaming loop, not a tail or the parameter-sum loop); for a kernel without such a
+    loop, the whole kernel."""
+    loops = []
+    for addr, text in insts:
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", text)
+        if m and labels.get(m.group(1), addr + 1) <= addr:
+            loops.append((labels[m.group(1)], addr))
+    def has_loads(lo, hi):
+        return any(lo <= a <= hi and "LDG" in t for a, t in insts)
+
+    best = None
+    for lo, hi in loops:
+        if any((l2, h2) != (lo, hi) and lo <= l2 and h2 <= hi and has_loads(l2, h2)
+               for l2, h2 in loops):
+            continue  # an inner loop with loads is the hot one
+        body = [t for a, t in insts if lo <= a <= hi]
+        cand = _figures(body, itemsize, inputs)
+        if cand and (best is None or cand["inst"] > best["inst"]):
+            best = cand
+    if best is None:  # fully unrolled (the on-chip kernel): the whole body
+        best = _figures([t for _, t in insts], itemsize, inputs)
+        if best:
+            best["whole_kernel"] = True
+    if best:
+        best.pop("_bytes")
+    return best
+
+
+def _figures(body, itemsize, inputs):
+    ldg = [t for t in body if "LDG" in t]
+    if not ldg:
+        return None
+    nbytes = sum(_ldg_bytes(re.search(r"LDG\S*", t).group(0)) for t in ldg)
+    first_store = next((i for i, t in enumerate(body) if "STG" in t), len(body))
+    fig = dict(inst=len(body), ldg=len(ldg),
+               ldg_before_store=sum(1 for t in body[:first_store] if "LDG" in t),
+               calls=sum(1 for t in body if "CALL" in t),
+               elem=nbytes / itemsize / inputs, _bytes=nbytes)
+    fig["inst_per_elem"] = fig["inst"] / fig["elem"]
+    return fig
+
+
+def analyse(spec, cc: int) -> dict:
+    from numba import cuda
+
+    ptx, _ = cuda.compile_ptx(spec["pyfunc"], spec["sig"], cc=(cc // 10, cc % 10))
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, text = assemble(ptx, cc, tmp)
+        res = resources(text)
+        insts, labels = disassemble(cubin)
+    res["occupancy"] = occupancy(cc, res["registers"], res["smem"], spec["threads"])
+    res["loop"] = hot_loop(insts, labels, spec["itemsize"], spec["inputs"])
+    res["total_inst"] = len(insts)
+    return res
+
+
+def _specs(dtypes, only):
+    from gnnumba.gpu import kernels
+
+    for spec in kernels.sass_specs(dtypes):
+        if only and spec["kernel"] not in only:
+            continue
+        yield spec
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cc", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--dtype", nargs="+", default=["float16", "float32", "float64"])
+    ap.add_argument("--kernel", nargs="*", default=None)
+    ap.add_argument("--shapes", action="store_true", help="predicted bandwidth per SD-UNet "
+                    "shape (H100 SXM model, see gnnumba.gpu.plan)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        print("cuda_sass needs the real numba.cuda: unset NUMBA_ENABLE_CUDASIM")
+        return 1
+    if not (PTXAS and NVDISASM):
+        print(f"needs ptxas ({PTXAS}) and nvdisasm ({NVDISASM}): pip install "
+              f"nvidia-cuda-nvdisasm (gnnumba[dev]) and a CUDA toolkit's ptxas")
+        return 1
+    rows = []
+    hdr = (f"{'kernel':34s} {'dtype':7s} {'sm':>3s} {'regs':>4s} {'smem':>6s} {'stk':>4s} "
+           f"{'occ':>5s} {'inst':>5s} {'elem':>5s} {'inst/elem':>9s} {'ldg':>4s} "
+           f"{'inflight':>8s} {'calls':>5s}")
+    print(hdr)
+    for spec in _specs(args.dtype, args.kernel):
+        for cc in args.cc:
+            r = analyse(spec, cc)
+            lp = r["loop"] or {}
+            row = dict(kernel=spec["label"], dtype=spec["dtype"], cc=cc, **{k: v for k, v in
+                       r.items() if k != "loop"}, loop=lp)
+            rows.append(row)
+            loop_txt = (f"{lp['inst']:5d} {lp['elem']:5.1f} {lp['inst_per_elem']:9.1f} "
+                        f"{lp['ldg']:4d} {lp['ldg_before_store']:8d} {lp['calls']:5d}"
+                        if lp else f"{'-':>5s} {'-':>5s} {'-':>9s} {'-':>4s} {'-':>8s} "
+                                   f"{'-':>5s}")
+            print(f"{spec['label']:34s} {spec['dtype']:7s} {cc:3d} {r['registers']:4d} "
+                  f"{r['smem']:6d} {r['stack']:4d} {r['occupancy']:5.0%} {loop_txt}",
+                  flush=True)
+    if args.shapes:
+        from gnnumba.gpu import plan
+
+        print()
+        print(plan.prediction_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
