@@ -627,3 +627,22 @@ def test_per_sample_grads_in_a_forked_child():
     r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fallback_without_public_kernel_gives_the_same_numbers(monkeypatch, layout):
+    # dp uses gnnumba.per_sample_param_grads when gnnumba has it, else one backward over
+    # the batch seen as one sample of N*C channels: both must match the reference
+    import gnnumba
+
+    x, dy, w, b = _data((3, 8, 5, 4), np.float64, seed=7)
+    xx, dd = (x, dy) if layout == "nchw" else (_channels_last(x), _channels_last(dy))
+    want = reference.backward(dy, x, 4, w, b, 1e-5, "gelu")[3:5]
+    direct = dp.per_sample_grads(xx, dd, 4, activation="gelu", weight=w, bias=b)
+    monkeypatch.delattr(gnnumba, "per_sample_param_grads", raising=False)
+    fallback = dp.per_sample_grads(xx, dd, 4, activation="gelu", weight=w, bias=b)
+    for got in (direct, fallback):
+        np.testing.assert_allclose(got[0], want[0], atol=1e-10)
+        np.testing.assert_allclose(got[1], want[1], atol=1e-10)
+    with pytest.raises(ValueError, match="divisible by num_groups"):  # names C and G
+        dp.per_sample_grads(xx, dd, 3)
