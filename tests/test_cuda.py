@@ -389,10 +389,14 @@ def test_constant_groups_are_exact(small, monkeypatch, cl, fused_items):
 @device
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("offset", [1e4, -3e5])
-def test_large_offsets_stay_accurate(small, cl, offset):
-    """x = offset + randn in float32 across several blocks and flushes: the shifted sums
-    keep the variance to float32 accuracy of the spread (E[x^2] - E[x]^2 would lose it)."""
-    x, dy, w, b = _case((2, 4, 9, 8), np.float32, seed=4, offset=offset, scale=1.0)
+@pytest.mark.parametrize("min_block", [16, 4096], ids=["blocks", "flushes"])
+def test_large_offsets_stay_accurate(small, monkeypatch, cl, offset, min_block):
+    """x = offset + randn in float32 across several blocks per group ("blocks"), or in one
+    block per group where each thread flushes its shifted sums several times ("flushes"):
+    the variance keeps float32 accuracy of the spread (E[x^2] - E[x]^2 would lose it)."""
+    if SIM:
+        monkeypatch.setattr(config, "MIN_BLOCK_ELEMS", min_block)
+    x, dy, w, b = _case((2, 4, 9, 16), np.float32, seed=4, offset=offset, scale=1.0)
     y, m, r = gc.group_norm_forward(_dev(x, cl), 2, _dev(w), _dev(b), 1e-5)
     yr, mr, rr = reference.forward(x, 2, w, b, 1e-5)
     np.testing.assert_allclose(_host(r), rr, rtol=2e-3)
