@@ -453,3 +453,26 @@ def test_whole_tiles_and_tails(small, cl):
     for got, want, tol in [(y, yr, 1e-5), (r, rr, 1e-5), (dx, dxr, 1e-4), (dw, dwr, 1e-4),
                            (db, dbr, 1e-4), (dwn, dwnr, 1e-4), (dbn, dbnr, 1e-4)]:
         assert _rel_err(got, want) <= tol
+
+
+@device
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_bfloat16_natively(small, cl):
+    """bfloat16 arrays (ml_dtypes) run the kernels directly, accumulating in float32: y and
+    dx are bfloat16, mean/rstd and the per-sample gradients float32."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    x, dy, w, b = _case((2, 6, 4, 5), np.float32, seed=8)
+    x, dy, w, b = (a.astype(bf16) for a in (x, dy, w, b))
+    xd, dyd, wd, bd = _dev(x, cl), _dev(dy, cl), _dev(w), _dev(b)
+    y, m, r = gc.group_norm_forward(xd, 3, wd, bd, 1e-5, activation="gelu")
+    dx, dw, db = gc.group_norm_backward(dyd, xd, m, r, 3, wd, bd, activation="gelu")
+    dwn, dbn = gc.per_sample_param_grads(dyd, xd, m, r, 3, wd, bd, activation="gelu")
+    assert _host(y).dtype == bf16 and _host(dx).dtype == bf16 and _host(m).dtype == np.float32
+    assert _host(dwn).dtype == np.float32
+    f = [a.astype(np.float64) for a in (x, dy, w, b)]
+    yr, mr, rr = selftest.reference_forward(f[0], 3, f[2], f[3], 1e-5, "gelu")
+    dxr, dwr, dbr, dwnr, dbnr = selftest.reference_backward(f[1], f[0], 3, f[2], f[3], 1e-5,
+                                                            "gelu")
+    for got, want, tol in [(y, yr, 1e-2), (m, mr, 1e-6), (r, rr, 1e-5), (dx, dxr, 2e-2),
+                           (dw, dwr, 2e-2), (dwn, dwnr, 1e-4), (dbn, dbnr, 1e-4)]:
+        assert _rel_err(got, want) <= tol

@@ -42,7 +42,7 @@ Determinism: no atomics. Every reduction is a per-thread loop in index order fol
 shared-memory tree of fixed shape, and partials are merged in index order, so the same
 launch configuration gives bit-identical results.
 
-Precision: ``acc`` is float32 for float16/float32 input and float64 for float64 input; all
+Precision: ``acc`` is float32 for float16/bfloat16/float32 input and float64 for float64 input; all
 statistics and sums are formed in ``acc`` and converted to the output's dtype on store
 (dweight/dbias of half input may be float32 outputs: they are never rounded to half on the
 way).
@@ -746,15 +746,19 @@ def kernel_names():
 
 def signatures(dtype_name: str, out_name: str | None = None):
     """Argument types of every kernel as the host code launches them for input dtype
-    ``dtype_name`` (float16/float32/float64); ``out_name`` is the dtype of dweight/dbias
+    ``dtype_name`` (float16/bfloat16/float32/float64); ``out_name`` is the dtype of dweight/dbias
     (x's by default; float32 for half input with float32 parameters). The PTX tests and
     ``benchmarks/cuda_sass.py`` compile each one."""
     from numba import types
+    from numba.cuda import types as cuda_types
 
-    dt = getattr(types, dtype_name)
+    def scalar(name):
+        return cuda_types.bfloat16 if name == "bfloat16" else getattr(types, name)
+
+    dt = scalar(dtype_name)
     acc = types.float64 if dtype_name == "float64" else types.float32
     v = types.Array(dt, 1, "C")  # x, y, dy, dx, weight, bias (flat views)
-    o = types.Array(getattr(types, out_name or dtype_name), 1, "C")  # dweight, dbias
+    o = types.Array(scalar(out_name or dtype_name), 1, "C")  # dweight, dbias
     st = types.Array(acc, 1, "C")  # mean, rstd, coefficients, per-sample grads, partials
     i, f, bo = types.int64, acc, types.boolean
     return {
@@ -775,7 +779,7 @@ def signatures(dtype_name: str, out_name: str | None = None):
     }
 
 
-def sass_specs(dtypes=("float16", "float32", "float64"), acts=None):
+def sass_specs(dtypes=("float16", "bfloat16", "float32", "float64"), acts=None):
     """Every specialisation ``benchmarks/cuda_sass.py`` and the PTX tests compile: per input
     dtype, kernel and (for ``ACT_KERNELS``) activation, with the default configuration."""
     from . import config
@@ -790,5 +794,5 @@ def sass_specs(dtypes=("float16", "float32", "float64"), acts=None):
                 yield dict(kernel=name, label=name + (f"-{act_name}" if act_name else ""),
                            dtype=dt, act=act_name, pyfunc=getattr(ks, name).py_func,
                            sig=signatures(dt)[name], threads=config.THREADS,
-                           itemsize=np.dtype(dt).itemsize,
+                           itemsize=8 if dt == "float64" else 4 if dt == "float32" else 2,
                            inputs=STREAMED_INPUTS.get(name, 1))
