@@ -19,9 +19,11 @@ import argparse
 import statistics
 import time
 
-import torch
+import pytest
 
-import gnnumba.torch as gt
+torch = pytest.importorskip("torch")
+
+import gnnumba.torch as gt  # noqa: E402
 
 
 def _cases(shape, groups):
@@ -88,22 +90,21 @@ def main(argv=None):
 
 # --------------------------------------------------------------------------- pytest
 
+SHAPE, GROUPS = (1, 32, 8, 8), 8
+CASES = ("inference", "train forward", "forward+backward")
+# every gnnumba timing has its torch counterpart in the same group
+WHO = {"torch": 0, "gnnumba.torch": 1}
 
-def _bench(benchmark, case, who):
-    f = _cases((1, 32, 8, 8), 8)[case][who]
+
+@pytest.mark.parametrize("who", list(WHO))
+@pytest.mark.parametrize("case", CASES)
+def test_overhead(benchmark, case, who):
+    f = _cases(SHAPE, GROUPS)[case][WHO[who]]
+    f()  # compile / load the Numba cache outside the timed region
+    shape = "×".join(map(str, SHAPE))
+    benchmark.group = f"tiny: overhead {shape} G={GROUPS} {case}"
+    benchmark.extra_info.update(peer=who, label="tiny")
     benchmark(f)
-
-
-def test_overhead_gnnumba_inference(benchmark):
-    _bench(benchmark, "inference", 1)
-
-
-def test_overhead_gnnumba_forward_backward(benchmark):
-    _bench(benchmark, "forward+backward", 1)
-
-
-def test_overhead_torch_inference(benchmark):
-    _bench(benchmark, "inference", 0)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,26 @@ Array level (NumPy on the CPU, CUDA arrays on the GPU)::
     dx, dweight, dbias = gnnumba.group_norm_backward(dy, x, mean, rstd, num_groups, weight, bias)
 
 PyTorch: ``import gnnumba.torch`` (a drop-in ``nn.GroupNorm``). Where the kernels live:
-``gnnumba/cpu.py`` (CPU), ``gnnumba/gpu/`` (CUDA), ``gnnumba/torch/`` (the torch bridge).
+``gnnumba/cpu/`` (CPU), ``gnnumba/gpu/`` (CUDA), ``gnnumba/torch/`` (the torch bridge).
 """
 
 from . import _threading  # noqa: F401  (picks a thread-safe Numba threading layer first)
 from ._checks import GroupNormError
 from .api import group_norm, group_norm_backward, group_norm_forward
+from .warmup import precompile
 
-__all__ = ["GroupNormError", "group_norm", "group_norm_backward", "group_norm_forward"]
-__version__ = "0.1.0"
+__all__ = ["GroupNormError", "group_norm", "group_norm_backward", "group_norm_forward",
+           "precompile"]
+
+
+def _version() -> str:
+    # One place for the version: pyproject.toml, read back from the installed metadata.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gnnumba")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks, cpu
+from . import _checks, activations, cpu
 
 CPU_DTYPES = (np.float32, np.float64)
 
@@ -135,7 +135,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, activ
         rstd = np.full((N, G), np.nan, dtype=sdt)
         return y, mean, rstd
     y_target = y if _writable_in_layout(y, channels_last) else _empty_like_layout(x, channels_last)
-    mean, rstd = cpu.forward(_views(xl, channels_last), G, w, b, eps, activation == "silu",
+    mean, rstd = cpu.forward(_views(xl, channels_last), G, w, b, eps, activations.code(activation),
                              _views(y_target, channels_last), channels_last)
     if y_target is not y:
         np.copyto(y, y_target)
@@ -217,5 +217,5 @@ def _cpu_backward(dy, x, mean, rstd, G, weight, bias, activation):
     dxh, db = cpu.backward(_views(dyl, channels_last), _views(xl, channels_last),
                            np.ascontiguousarray(mean, dtype=np.float64),
                            np.ascontiguousarray(rstd, dtype=np.float64), w, b,
-                           activation == "silu", _views(dx, channels_last), channels_last)
+                           activations.code(activation), _views(dx, channels_last), channels_last)
     return dx, dxh, db

@@ -27,6 +27,9 @@ from typing import Callable
 
 import numpy as np
 
+from .activations import NAMES as ACTIVATIONS
+from .activations import TORCH_NAMES
+
 MODES = ("forward", "backward", "forward+backward", "per_sample_grads")
 LAYOUTS = ("nchw", "channels_last", "strided")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -149,6 +152,17 @@ SHAPE_SETS: dict[str, list[Case]] = {
     "sd-unet": [Case(f"SD C{c} {h}²", (2, c, h, h), 32)
                 for c, h in ((320, 64), (640, 32), (1280, 16), (1280, 8))],
     "video": [Case("video 8×64²", (1, 128, 8, 64, 64), 32)],
+    # What real models run (G=32): the Stable Diffusion UNet levels at batch 2, the four
+    # ResNet-50-with-GN stage outputs at batch 8 (56² down to 7²), and two 3-D video blocks.
+    # `gnnumba bench --shapes models` runs them in both layouts, forward and forward+backward.
+    "models": [
+        *[Case(f"SD-UNet C{c} {h}²", (2, c, h, h), 32)
+          for c, h in ((320, 64), (640, 32), (1280, 16), (1280, 8))],
+        *[Case(f"R50-GN b8 C{c} {h}²", (8, c, h, h), 32)
+          for c, h in ((256, 56), (512, 28), (1024, 14), (2048, 7))],
+        Case("video C128 8×32²", (1, 128, 8, 32, 32), 32),
+        Case("video C256 4×16²", (1, 256, 4, 16, 16), 32),
+    ],
     # 32 MiB of float32 in, 32 MiB out: more than L3 on most machines
     "dram": [Case("DRAM 8×256×64²", (8, 256, 64, 64), 32)],
 }
@@ -173,7 +187,7 @@ class Peer:
     devices: tuple = ("cpu",)
     dtypes: tuple = ("float32", "float64")
     layouts: tuple = LAYOUTS
-    activations: tuple = (None, "silu")
+    activations: tuple = ACTIVATIONS
     prepare: Callable[[Problem, dict], Prepared] = None
     note: str = ""
 
@@ -213,26 +227,21 @@ def _np_shape(x):
     return (1, -1) + (1,) * (x.ndim - 2)
 
 
-def numpy_forward(x, G, w, b, eps, activation):
-    """GroupNorm in plain NumPy, in x's dtype; two-pass variance (np.var)."""
+def numpy_forward(x, G, w, b, eps):
+    """GroupNorm in plain NumPy, in x's dtype; two-pass variance (np.var). No fused
+    activation: the peer is what one writes without a kernel library."""
     N = x.shape[0]
     xg = x.reshape(N, G, -1)
     mean = xg.mean(axis=-1, keepdims=True)
     rstd = 1.0 / np.sqrt(xg.var(axis=-1, keepdims=True) + x.dtype.type(eps))
     z = ((xg - mean) * rstd).reshape(x.shape) * w.reshape(_np_shape(x)) + b.reshape(_np_shape(x))
-    if activation == "silu":
-        z = z / (1 + np.exp(-z))
     return z, mean[..., 0], rstd[..., 0]
 
 
-def numpy_backward(dy, x, mean, rstd, G, w, b, activation):
+def numpy_backward(dy, x, mean, rstd, G, w):
     N = x.shape[0]
     xhat = ((x.reshape(N, G, -1) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
     dz = dy
-    if activation == "silu":
-        z = xhat * w.reshape(_np_shape(x)) + b.reshape(_np_shape(x))
-        sig = 1 / (1 + np.exp(-z))
-        dz = dy * sig * (1 + z * (1 - sig))
     red = (0,) + tuple(range(2, x.ndim))
     dw, db = (dz * xhat).sum(axis=red), dz.sum(axis=red)
     g = (dz * w.reshape(_np_shape(x))).reshape(N, G, -1)
@@ -246,16 +255,16 @@ def _prep_numpy(p: Problem, a: dict) -> Prepared:
     dt = np.dtype(p.dtype)
     x, dy = lay_out(a["x"].astype(dt), p.layout), lay_out(a["dy"].astype(dt), p.layout)
     w, b = a["weight"].astype(dt), a["bias"].astype(dt)
-    G, eps, act = p.groups, p.eps, p.activation
+    G, eps = p.groups, p.eps
     if p.mode == "forward":
-        return Prepared(lambda: numpy_forward(x, G, w, b, eps, act)[0], _as_tuple)
-    _, mean, rstd = numpy_forward(x, G, w, b, eps, act)
+        return Prepared(lambda: numpy_forward(x, G, w, b, eps)[0], _as_tuple)
+    _, mean, rstd = numpy_forward(x, G, w, b, eps)
     if p.mode == "backward":
-        return Prepared(lambda: numpy_backward(dy, x, mean, rstd, G, w, b, act), _as_tuple)
+        return Prepared(lambda: numpy_backward(dy, x, mean, rstd, G, w), _as_tuple)
 
     def fwd_bwd():
-        y, m, r = numpy_forward(x, G, w, b, eps, act)
-        return (y,) + numpy_backward(dy, x, m, r, G, w, b, act)
+        y, m, r = numpy_forward(x, G, w, b, eps)
+        return (y,) + numpy_backward(dy, x, m, r, G, w)
     return Prepared(fwd_bwd, _as_tuple)
 
 
@@ -375,9 +384,11 @@ def _prep_torch(p: Problem, a: dict) -> Prepared:
 
     x, dy, w, b, sync = _torch_inputs(p, a, p.mode != "forward")
     G, eps = p.groups, p.eps
-    if p.activation == "silu":
+    if p.activation is not None:
+        act = getattr(F, TORCH_NAMES[p.activation])
+
         def fwd(t):
-            return F.silu(F.group_norm(t, G, w, b, eps))
+            return act(F.group_norm(t, G, w, b, eps))
     else:
         def fwd(t):
             return F.group_norm(t, G, w, b, eps)
@@ -440,7 +451,7 @@ PEERS: tuple[Peer, ...] = (
          note="gnnumba.torch.GroupNorm module"),
     Peer("torch", ("torch",), _ARRAY_MODES, devices=("cpu", "cuda"), dtypes=_TORCH_DTYPES,
          prepare=_prep_torch, note="torch.nn.functional.group_norm (native)"),
-    Peer("numpy", (), _ARRAY_MODES, prepare=_prep_numpy,
+    Peer("numpy", (), _ARRAY_MODES, activations=(None,), prepare=_prep_numpy,
          note="plain NumPy, two-pass variance, in the input dtype"),
     Peer("opacus", ("torch", "opacus"), ("per_sample_grads",), dtypes=_TORCH_DTYPES,
          activations=(None,), prepare=_prep_opacus,

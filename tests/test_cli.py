@@ -3,6 +3,7 @@
 
 import importlib.util
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import sys
 import pytest
 
 import gnnumba
-from gnnumba import check
+from gnnumba import bench, check
+from gnnumba import peers as P
 from gnnumba.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,19 +31,30 @@ def _hide_torch(monkeypatch):
 
 def test_bench_quick_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    # --peers keeps the smoke run short; --quick still picks its five problems
+    # --peers keeps the smoke run short; --quick still picks its eight problems
     assert main(["bench", "--quick", "--budget", "0.01", "--peers", "gnnumba,torch",
                  "--no-progress", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "cores" in text.splitlines()[0]  # the machine line comes first
     assert "geometric-mean speedup" in text
+    assert "±IQR/2 = half the" in text and "vs torch = torch's median" in text  # legend
+    assert "of copy = " in text and "copy+alloc = " in text
     report = json.loads(out.read_text())
     results = report["results"]
     assert [(r["mode"], r["layout"]) for r in results] == [
-        ("forward", "nchw"), ("forward", "nchw"), ("forward", "nchw"),
-        ("forward", "channels_last"), ("forward+backward", "nchw")]
-    assert {tuple(r["shape"]) for r in results} >= {(1, 32, 8, 8), (8, 256, 64, 64)}
+        ("forward", "nchw"), ("forward", "nchw"), ("forward", "channels_last"),
+        ("forward+backward", "nchw"), ("forward+backward", "channels_last"),
+        ("forward", "channels_last"), ("forward", "nchw"), ("forward", "channels_last")]
+    shapes = {tuple(r["shape"]) for r in results}
+    assert shapes >= {(1, 32, 8, 8), (2, 320, 64, 64), (8, 512, 28, 28), (1, 128, 8, 32, 32),
+                      (8, 256, 64, 64)}
+    noise = report["noise"]
+    assert set(noise) >= {"noisy", "reasons", "load_average_start", "calibration_gbps",
+                          "calibration_drift", "untrusted_rows"}
+    assert len(noise["calibration_gbps"]) >= len(results) + 2  # start, per row, end
+    assert noise["untrusted_rows"] == sum(not r["trusted"] for r in results)
     for r in results:
+        assert r["trusted"] == (not r["noise"]) and r["attempts"] in (1, 2)
         cs = r["contenders"]
         assert set(cs) == {"copy", "copy+alloc", "gnnumba", "torch"}
         assert cs["copy"]["frac_copy"] == pytest.approx(1.0)
@@ -54,8 +67,134 @@ def test_bench_quick_json(tmp_path, capsys):
         want = cs["torch"]["median_s"] / cs["gnnumba"]["median_s"]
         assert cs["gnnumba"]["speedup_vs_torch"] == pytest.approx(want)
         factor = 5 if r["mode"] == "forward+backward" else 2
-        assert r["bytes_moved"] == factor * 4 * r["shape"][0] * r["shape"][1] * \
-            r["shape"][2] * r["shape"][3]
+        assert r["bytes_moved"] == factor * 4 * math.prod(r["shape"])
+
+
+@pytest.mark.parametrize("extra,want", [
+    (["--layouts", "channels_last", "--modes", "forward"],
+     [("forward", "channels_last")] * 3),
+    (["--shapes", "tiny", "--modes", "forward", "--layouts", "nchw"], [("forward", "nchw")]),
+])
+def test_quick_honours_shapes_modes_layouts(tmp_path, extra, want):
+    out = tmp_path / "q.json"
+    assert main(["bench", "--quick", "--budget", "0.01", "--peers", "gnnumba", "--no-progress",
+                 "--json", str(out)] + extra) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["layout"]) for r in results] == want
+    assert json.loads(out.read_text())["settings"]["budget_s"] == 0.01
+
+
+def test_quick_selecting_nothing_says_so(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--quick", "--modes", "backward"])
+    assert e.value.code == 2
+    assert "selects no problem" in capsys.readouterr().err
+
+
+def test_budget_help_states_the_real_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {bench.Settings().budget_s:g}, {bench.QUICK.budget_s:g} with --quick)" \
+        in text
+    assert "ignored with --quick" not in text
+
+
+def _row(times: dict, base="torch"):
+    """A summarised row from {contender: list of per-call seconds}."""
+    p = P.Problem((1, 32, 8, 8), 8)
+    cs = [bench.Contender(n, None, None, samples=list(v)) for n, v in times.items()]
+    return bench.summarise(p, cs, {})
+
+
+def test_noise_checks_flag_spread_stalls_and_drift():
+    steady = [1e-3, 1.01e-3, 0.99e-3, 1e-3, 1.02e-3]
+    quiet = _row({"copy": steady, "copy+alloc": steady, "torch": steady, "gnnumba": steady})
+    assert bench.noise_reasons(quiet, 10.0, 10.5) == []
+    spread = _row({"copy": steady, "torch": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3],
+                   "gnnumba": steady})
+    assert any("torch: samples spread" in why for why in bench.noise_reasons(spread))
+    # a 12 ms stall in most samples of a 5 us call: the 1000x 'speedups' of a loaded machine
+    stall = _row({"copy": steady, "torch": [5e-6, 12e-3, 12e-3, 12e-3, 12e-3],
+                  "gnnumba": steady})
+    assert any("its best sample" in why for why in bench.noise_reasons(stall))
+    # the reference copies alone never make a row noisy
+    noisy_copy = _row({"copy": [1e-3, 5e-3, 9e-3], "torch": steady, "gnnumba": steady})
+    assert bench.noise_reasons(noisy_copy) == []
+    assert any("calibration copy -50%" in w for w in bench.noise_reasons(quiet, 5.0, 10.0))
+
+
+def test_run_level_noise_is_reported():
+    rows = [{"trusted": False}, {"trusted": True}]
+    loud = bench._run_noise(rows, [10.0, 20.0], 9.0, 9.5, 2)
+    assert loud["noisy"] and loud["untrusted_rows"] == 1
+    text = bench.noise_summary(loud)
+    assert text.startswith("WARNING: noisy run")
+    assert "1 of 2 rows" in text and "busy" in text and "calibration copy" in text
+    quiet = bench._run_noise([{"trusted": True}], [10.0, 10.5], 0.1, 0.2, 2)
+    assert not quiet["noisy"] and bench.noise_summary(quiet) is None
+
+
+def test_untrusted_rows_are_marked_and_left_out_of_the_mean():
+    steady = [1e-3] * 5
+    good = _row({"copy": steady, "torch": steady, "gnnumba": [0.5e-3] * 5})
+    bad = dict(_row({"copy": steady, "torch": steady, "gnnumba": [1e-5] * 5}),
+               trusted=False, noise=["torch: samples spread ±40%"], attempts=2)
+    assert "100.00×?" in bench.format_table(bad)
+    assert "do not trust these ratios: torch: samples spread" in bench.format_table(bad)
+    line = bench.summary_line([good, bad])
+    assert "gnnumba 2.00× (n=1)" in line and "1 noisy row(s) marked ? left out" in line
+
+
+def test_models_shape_set():
+    cases = P.SHAPE_SETS["models"]
+    assert {c.shape for c in cases} >= {
+        (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8),
+        (8, 256, 56, 56), (8, 512, 28, 28), (8, 1024, 14, 14), (8, 2048, 7, 7)}
+    assert any(len(c.shape) == 5 for c in cases)  # 3-D video blocks
+    assert all(c.groups == 32 for c in cases)
+    probs = bench.full_problems(["models"], ["forward", "forward+backward"],
+                                ["nchw", "channels_last"])
+    assert len(probs) == 4 * len(cases)
+
+
+# --------------------------------------------------------------------------- conventions
+
+
+def test_version_and_python_m_gnnumba():
+    from importlib.metadata import version
+
+    assert gnnumba.__version__ == version("gnnumba")
+    proc = subprocess.run([sys.executable, "-m", "gnnumba", "--version"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"gnnumba {gnnumba.__version__}"
+
+
+def test_license_and_typing_marker_ship():
+    assert "BSD 3-Clause License" in (ROOT / "LICENSE").read_text()
+    assert (ROOT / "gnnumba" / "py.typed").exists()
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'license = "BSD-3-Clause"' in text and '"py.typed"' in text
+
+
+def test_warmup_command_compiles_and_names_the_cache(capsys):
+    assert main(["warmup", "--dtypes", "float64", "--layouts", "nchw", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel sets compiled or loaded" in out and "Numba's cache: " in out
+    from gnnumba import warmup
+
+    n_act = len(gnnumba.activations.CODES)
+    assert len(warmup.jobs(["float64"], ["nchw"])) == n_act * len(warmup.SHAPES)
+    for d in warmup.cache_dirs():
+        assert pathlib.Path(d).is_dir(), d
+
+
+def test_precompile_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown dtype 'int8'; choose from float32"):
+        gnnumba.precompile(["int8"])
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        gnnumba.precompile(activations=["tanh"])
 
 
 def test_bench_runs_without_torch(tmp_path, monkeypatch, capsys):
@@ -119,7 +258,7 @@ def test_bench_half_precision_without_torch_says_what_to_do(monkeypatch, capsys)
 
 
 def test_check_cpu_passes_as_a_command():
-    proc = subprocess.run([sys.executable, "-m", "gnnumba.cli", "check", "--backends", "cpu"],
+    proc = subprocess.run([sys.executable, "-m", "gnnumba", "check", "--backends", "cpu"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cpu    passed" in proc.stdout

@@ -2,6 +2,9 @@
 
 A subclass of ``nn.GroupNorm``, so it has the same attributes, parameters, state_dict keys,
 ``reset_parameters`` and ``isinstance`` behaviour; only validation and ``forward`` differ.
+Every attribute (``num_groups``, ``eps``, ``activation``, ``weight``, ``bias``) is checked at
+each call, so one changed after construction is never trusted (the checks of values seen
+before are a dictionary lookup, see ``functional._check_args``).
 """
 
 from __future__ import annotations
@@ -11,15 +14,15 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import _checks
-from .ops import _run, check_input
+from .functional import _run, checked
 
 
 class GroupNorm(nn.GroupNorm):
-    """Group Normalization over (N, C, *spatial) input, optionally fused with SiLU.
+    """Group Normalization over (N, C, *spatial) input, optionally fused with an activation.
 
-    Same constructor as ``torch.nn.GroupNorm`` plus ``activation`` (None or "silu":
-    ``silu(group_norm(x))`` in one pass). Holds no buffers; loads an ``nn.GroupNorm``
-    state dict. float16/bfloat16 input is computed in float32 (see ``gnnumba.torch.ops``).
+    Same constructor as ``torch.nn.GroupNorm`` plus ``activation`` (None, "silu", "relu" or
+    "gelu": ``act(group_norm(x))`` in one pass). Holds no buffers; loads an ``nn.GroupNorm``
+    state dict. float16/bfloat16 input is computed in float32.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5,
@@ -34,9 +37,18 @@ class GroupNorm(nn.GroupNorm):
         self.activation = activation
 
     def forward(self, input: Tensor) -> Tensor:
-        check_input(input, self.num_channels)
-        return _run(input, self.num_groups, self.weight, self.bias, self.eps,
-                    self.activation == "silu")
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        G, eps, act = checked(input, self.num_groups, weight, bias, self.eps,
+                              self.activation, self.num_channels)
+        return _run(input, G, weight, bias, eps, act)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it
+        raise RuntimeError(
+            "gnnumba.torch.GroupNorm cannot be compiled by torch.jit.script (its kernels are "
+            "Numba, not TorchScript). Use torch.jit.trace, torch.compile or torch.export "
+            "(all supported), or torch.nn.GroupNorm for a TorchScript model.")

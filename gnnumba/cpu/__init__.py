@@ -1,0 +1,205 @@
+"""GroupNorm forward, backward and per-sample parameter gradients as Numba CPU kernels.
+
+The host functions here take 3-D views, (N, C, S) for NCHW or (N, S, C) for channels-last
+(S = all spatial dims), pick a kernel and allocate the small outputs. The kernels live in
+
+* ``storage``: reading/writing elements (float32, float64, half precision as bits),
+* ``activation``: the activation table compiled for the kernels,
+* ``stats``: chunk statistics with Chan's merges, gradient sums, per-channel coefficients,
+* ``nchw``: the serial, fused and split kernels for contiguous groups,
+* ``channels_last``: the blocked kernels for channels-last input.
+
+``act`` is a code of ``gnnumba.activations.CODES`` (True/False still mean silu/none). Backward
+uses the saved mean/rstd in closed form; the per-channel sums it needs are the per-sample
+parameter gradients, computed by the same code as ``per_sample_param_grads``.
+
+No atomics anywhere; every blocking is a constant from ``config``, so the result does not
+depend on the number of threads, and every path of one layout gives the same bits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+
+from .. import config
+from . import channels_last as _cl
+from . import nchw as _nchw
+from .stats import reduce_params as _reduce_params
+from .storage import HALF_BITS, compute_dtype
+
+__all__ = ["HALF_BITS", "compute_dtype", "forward", "backward", "per_sample_param_grads",
+           "reduce_params", "run_serially", "choose_path", "empty", "default_param"]
+
+# --------------------------------------------------------------------------- threads
+
+# GNU OpenMP (Numba's "omp" layer, picked when TBB is absent) cannot run in a child forked
+# after the parent used it: the child is terminated ("fork() called from a process already
+# using GNU OpenMP"). torch DataLoader workers are such children, so there every call takes
+# the serial kernels, which give the same bits.
+_PARALLEL_SAFE = True
+_PARENT_USED_OMP = False
+
+
+def _before_fork():
+    global _PARENT_USED_OMP
+    try:
+        _PARENT_USED_OMP = numba.threading_layer() == "omp"
+    except ValueError:  # no parallel region has run yet: nothing to inherit
+        _PARENT_USED_OMP = False
+
+
+def _after_fork_in_child():
+    global _PARALLEL_SAFE
+    _PARALLEL_SAFE = _PARALLEL_SAFE and not _PARENT_USED_OMP
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def run_serially(x_size: int) -> bool:
+    """Small inputs (below torch's grain size, 32768 elements: waking the pool costs more than
+    the work, and a busy core would stall the call) and forked children of OpenMP users."""
+    return x_size < config.CPU_SERIAL_MAX_ELEMENTS or not _PARALLEL_SAFE
+
+
+def choose_path(x_size: int, num_groups_total: int, group_bytes: int) -> str:
+    """NCHW path: "serial" (see ``run_serially``), "fused" when every thread gets several
+    whole groups that fit in L2, else "split". All three give bit-identical results."""
+    if run_serially(x_size):
+        return "serial"  # decided first: numba.get_num_threads() costs ~1.4 us
+    if (num_groups_total >= config.CPU_FUSED_MIN_TASKS_PER_THREAD * numba.get_num_threads()
+            and group_bytes <= config.CPU_FUSED_MAX_BYTES):
+        return "fused"
+    return "split"
+
+
+# --------------------------------------------------------------------------- kernels
+
+_FWD = {"serial": _nchw.fwd_serial, "fused": _nchw.fwd_fused, "split": _nchw.fwd_split}
+_BWD = {"serial": _nchw.bwd_serial, "fused": _nchw.bwd_fused, "split": _nchw.bwd_split}
+_SUMS = {"serial": _nchw.sums_serial, "fused": _nchw.sums_fused, "split": _nchw.sums_split}
+
+
+def _dims(x3, channels_last):
+    if channels_last:
+        N, S, C = x3.shape
+    else:
+        N, C, S = x3.shape
+    return N, C, S
+
+
+def forward(x3, num_groups, weight, bias, eps, act, y3, channels_last, path=None):
+    """y3 = act(group_norm(x3)); returns float64 (mean, rstd) of shape (N, G).
+
+    ``weight``/``bias``: contiguous (C,) arrays in x's compute dtype (``compute_dtype``;
+    coefficients are formed in float64 from them). ``path`` ("serial"/"fused"/"split")
+    forces an NCHW path."""
+    N, C, S = _dims(x3, channels_last)
+    G = num_groups
+    mean = np.empty((N, G))
+    rstd = np.empty((N, G))
+    cdt = compute_dtype(x3.dtype)
+    coef = np.empty((N, 3, C), dtype=cdt)
+    one = cdt.type(1)
+    act = int(act)
+    if channels_last:
+        kernel = _cl.fwd_serial if run_serially(x3.size) else _cl.fwd
+        kernel(x3, weight, bias, eps, act, one, config.CPU_CL_BLOCK, y3, mean, rstd, coef)
+        return mean, rstd
+    D = (C // G) * S
+    x2 = x3.reshape(N * G, D)
+    if path is None:
+        path = choose_path(x3.size, N * G, D * x3.itemsize)
+    _FWD[path](x2, x3, weight, bias, eps, act, one, config.CPU_CHUNK, y3, mean, rstd, coef)
+    return mean, rstd
+
+
+def backward(dy3, x3, mean, rstd, weight, bias, act, dx3, channels_last, path=None):
+    """dx written into ``dx3``; returns float64 (dweight_per_sample, dbias_per_sample) of
+    shape (N, C). ``mean``/``rstd``: float64 (N, G) from ``forward``."""
+    N, C, S = _dims(x3, channels_last)
+    G = mean.shape[1]
+    dweight_ps = np.empty((N, C))
+    dbias_ps = np.empty((N, C))
+    cdt = compute_dtype(x3.dtype)
+    coef = np.empty((N, 5, C), dtype=cdt)
+    one = cdt.type(1)
+    act = int(act)
+    if channels_last:
+        kernel = _cl.bwd_serial if run_serially(x3.size) else _cl.bwd
+        kernel(dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dx3,
+               dweight_ps, dbias_ps, coef)
+        return dweight_ps, dbias_ps
+    if path is None:
+        path = choose_path(x3.size, N * G, 2 * (C // G) * S * x3.itemsize)
+    _BWD[path](dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CHUNK, dx3, dweight_ps,
+               dbias_ps, coef)
+    return dweight_ps, dbias_ps
+
+
+def per_sample_param_grads(dy3, x3, mean, rstd, weight, bias, act, channels_last, path=None):
+    """float64 (dweight_per_sample, dbias_per_sample) of shape (N, C): the backward's
+    per-channel sums (same code, same bits), reading x and dy once and writing no dx.
+    ``bias`` enters only through the activation's pre-activation."""
+    N, C, S = _dims(x3, channels_last)
+    G = mean.shape[1]
+    dweight_ps = np.empty((N, C))
+    dbias_ps = np.empty((N, C))
+    cdt = compute_dtype(x3.dtype)
+    coef = np.empty((N, 3, C), dtype=cdt)
+    one = cdt.type(1)
+    act = int(act)
+    if channels_last:
+        kernel = _cl.sums_serial if run_serially(x3.size) else _cl.sums
+        kernel(dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dweight_ps,
+               dbias_ps, coef)
+        return dweight_ps, dbias_ps
+    if path is None:
+        path = choose_path(x3.size, N * G, 2 * (C // G) * S * x3.itemsize)
+    _SUMS[path](dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CHUNK, dweight_ps,
+                dbias_ps, coef)
+    return dweight_ps, dbias_ps
+
+
+def reduce_params(dweight_per_sample, dbias_per_sample):
+    """float64 (dweight, dbias) of shape (C,): the per-sample sums added over N in order."""
+    C = dbias_per_sample.shape[1]
+    dweight = np.empty(C)
+    dbias = np.empty(C)
+    _reduce_params(dweight_per_sample, dbias_per_sample, dweight, dbias)
+    return dweight, dbias
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+_DEFAULT_PARAMS: dict = {}
+
+
+def default_param(C: int, dtype, value: float) -> np.ndarray:
+    """The (C,) constant that stands for a missing weight (1) or bias (0); cached, never
+    written by the kernels."""
+    key = (C, np.dtype(dtype), value)
+    a = _DEFAULT_PARAMS.get(key)
+    if a is None:
+        a = _DEFAULT_PARAMS[key] = np.full(C, value, dtype=dtype)
+    return a
+
+
+def empty(shape, dtype) -> np.ndarray:
+    """``np.empty`` whose pages are already mapped, for kernel outputs.
+
+    A fresh large array is mapped lazily, page by page, on first write. When the threads of a
+    parallel kernel take those page faults together, they sometimes collapse on this kind of
+    VM: at (8, 256, 64, 64) backward measured 4.5 ms at the median but 24-56 ms at the
+    75th-90th percentile, and in ``gnnumba bench`` the allocating forward swung by +-118%.
+    Touching one element per page first, on the calling thread (as ``np.empty`` followed by
+    a copy does), costs about 1 ms per 32 MiB and made the same runs stable (+-4%). Arrays
+    under 4 MiB come from the allocator's already mapped heap and are left alone."""
+    a = np.empty(shape, dtype)
+    if a.nbytes >= config.CPU_PREFAULT_MIN_BYTES:
+        a.reshape(-1)[:: max(1, 4096 // a.itemsize)] = 0
+    return a

@@ -1,0 +1,286 @@
+"""GroupNorm kernels for channels-last input: memory order (N, S, C), S = all spatial dims.
+
+A sample is cut into blocks of whole spatial positions (about ``config.CPU_CL_BLOCK``
+elements); per-channel accumulators run vectorised along C, and the per-block partials are
+merged in block order, so the result does not depend on the thread count. Each kernel is a few
+passes over tasks; a task body is an inline helper so that the parallel kernel (prange) and
+the serial one for small inputs (range) share it and give the same bits.
+
+Coefficient rows as in ``stats`` (``coef[n, row, c]``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .activation import NONE, derivative, forward
+from .stats import merge, rstd_of, set_coefs, set_dx_coefs
+from .storage import load, store
+
+
+@njit(inline="always")
+def blocking(S, C, block):
+    """(positions per block, blocks per sample)."""
+    sb = max(1, block // max(C, 1))
+    return sb, (S + sb - 1) // sb
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@njit(inline="always")
+def _block_stats(xb, Cg, pm, pq, acc, acc2, mc):
+    """Per-group (mean, M2) of one block (positions, C) into pm[g], pq[g]: the corrected
+    two-pass algorithm of ``stats.chunk_stats`` with per-channel accumulators in x's dtype,
+    vectorised along C (the block stays in L2 between passes). ``acc``, ``acc2``, ``mc`` are
+    (C,) scratch rows in x's compute dtype."""
+    P, C = xb.shape
+    G = C // Cg
+    acc[:] = 0
+    for s in range(P):
+        xr = xb[s]
+        for c in range(C):
+            acc[c] += load(xr, c)
+    for g in range(G):
+        mc[g * Cg:(g + 1) * Cg] = acc[g * Cg:(g + 1) * Cg].sum(dtype=np.float64) / (P * Cg)
+    acc[:] = 0
+    acc2[:] = 0
+    for s in range(P):
+        xr = xb[s]
+        for c in range(C):
+            d = load(xr, c) - mc[c]
+            acc[c] += d
+            acc2[c] += d * d
+    for g in range(G):
+        n = P * Cg
+        d1 = acc[g * Cg:(g + 1) * Cg].sum(dtype=np.float64)
+        pm[g] = mc[g * Cg] + d1 / n
+        pq[g] = acc2[g * Cg:(g + 1) * Cg].sum(dtype=np.float64) - d1 * d1 / n
+
+
+@njit(inline="always")
+def _stats_task(t, x3, sb, nb, Cg, pm, pq, scratch):
+    n = t // nb
+    k = t - n * nb
+    s0 = k * sb
+    sc = scratch[t]  # this task's own rows: no allocation inside the parallel loop
+    _block_stats(x3[n, s0:min(s0 + sb, x3.shape[1])], Cg, pm[n, k], pq[n, k], sc[0], sc[1],
+                 sc[2])
+
+
+@njit(inline="always")
+def _merge_task(ng, pm, pq, sb, S, Cg, eps, w, b, mean, rstd, coef):
+    """(mean, rstd) of group ng from its per-block partials, merged in block order."""
+    G = mean.shape[1]
+    n = ng // G
+    g = ng - n * G
+    cnt = 0
+    mu = 0.0
+    m2 = 0.0
+    for k in range(pm.shape[1]):
+        s0 = k * sb
+        cnt, mu, m2 = merge(cnt, mu, m2, (min(s0 + sb, S) - s0) * Cg, pm[n, k, g], pq[n, k, g])
+    r = rstd_of(m2, S * Cg, eps)
+    mean[n, g] = mu
+    rstd[n, g] = r
+    set_coefs(coef, n, g, Cg, mu, r, w, b)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@njit(inline="always")
+def _apply_task(t, x3, y3, sb, nb, coef, one, act):
+    n = t // nb
+    s0 = (t - n * nb) * sb
+    sc = coef[n, 0]
+    sh = coef[n, 1]
+    m = coef[n, 2]
+    for s in range(s0, min(s0 + sb, x3.shape[1])):
+        xr = x3[n, s]
+        yr = y3[n, s]
+        for c in range(xr.shape[0]):
+            store(yr, c, forward(act, (load(xr, c) - m[c]) * sc[c] + sh[c], one))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def fwd(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
+    N, S, C = x3.shape
+    G = mean.shape[1]
+    sb, nb = blocking(S, C, block)
+    pm = np.empty((N, nb, G))
+    pq = np.empty((N, nb, G))
+    scratch = np.empty((N * nb, 3, C), dtype=coef.dtype)  # x's compute dtype
+    for t in prange(N * nb):
+        _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch)
+    for ng in prange(N * G):
+        _merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
+    for t in prange(N * nb):
+        _apply_task(t, x3, y3, sb, nb, coef, one, act)
+
+
+@njit(cache=True, error_model="numpy")
+def fwd_serial(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
+    """``fwd`` on the calling thread (small inputs)."""
+    N, S, C = x3.shape
+    G = mean.shape[1]
+    sb, nb = blocking(S, C, block)
+    pm = np.empty((N, nb, G))
+    pq = np.empty((N, nb, G))
+    scratch = np.empty((N * nb, 3, C), dtype=coef.dtype)
+    for t in range(N * nb):
+        _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch)
+    for ng in range(N * G):
+        _merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
+    for t in range(N * nb):
+        _apply_task(t, x3, y3, sb, nb, coef, one, act)
+
+
+# --------------------------------------------------------------------------- gradient sums
+
+
+@njit(inline="always")
+def _coef_task(ng, mean, rstd, w, b, coef):
+    G = mean.shape[1]
+    n = ng // G
+    g = ng - n * G
+    set_coefs(coef, n, g, coef.shape[2] // G, mean[n, g], rstd[n, g], w, b)
+
+
+@njit(inline="always")
+def _sums_task(t, dy3, x3, sb, nb, one, act, coef, p):
+    """Per-channel partial sum(dz) and sum(dz*(x - mean)) of one block, into p[n, k],
+    dz = dy * act'(z) (not stored)."""
+    n = t // nb
+    k = t - n * nb
+    s0 = k * sb
+    a1 = p[n, k, 0]
+    a2 = p[n, k, 1]
+    a1[:] = 0.0
+    a2[:] = 0.0
+    za = coef[n, 0]
+    zc = coef[n, 1]
+    m = coef[n, 2]
+    for s in range(s0, min(s0 + sb, x3.shape[1])):
+        xr = x3[n, s]
+        gr = dy3[n, s]
+        for c in range(xr.shape[0]):
+            d = load(xr, c) - m[c]
+            v = load(gr, c)
+            if act != NONE:
+                v = v * derivative(act, d * za[c] + zc[c], one)
+            a1[c] += v
+            a2[c] += v * d
+
+
+@njit(inline="always")
+def _reduce_task(ng, p, rstd, dweight_ps, dbias_ps):
+    """Group ng's per-sample sums: block partials added in block order."""
+    G = rstd.shape[1]
+    C = dbias_ps.shape[1]
+    Cg = C // G
+    n = ng // G
+    g = ng - n * G
+    r = rstd[n, g]
+    for c in range(g * Cg, (g + 1) * Cg):
+        s1 = 0.0
+        s2 = 0.0
+        for k in range(p.shape[1]):
+            s1 += p[n, k, 0, c]
+            s2 += p[n, k, 1, c]
+        dbias_ps[n, c] = s1
+        dweight_ps[n, c] = s2 * r
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def sums(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef):
+    N, S, C = x3.shape
+    sb, nb = blocking(S, C, block)
+    p = np.empty((N, nb, 2, C))
+    for ng in prange(mean.size):
+        _coef_task(ng, mean, rstd, w, b, coef)
+    for t in prange(N * nb):
+        _sums_task(t, dy3, x3, sb, nb, one, act, coef, p)
+    for ng in prange(mean.size):
+        _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
+
+
+@njit(cache=True, error_model="numpy")
+def sums_serial(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef):
+    N, S, C = x3.shape
+    sb, nb = blocking(S, C, block)
+    p = np.empty((N, nb, 2, C))
+    for ng in range(mean.size):
+        _coef_task(ng, mean, rstd, w, b, coef)
+    for t in range(N * nb):
+        _sums_task(t, dy3, x3, sb, nb, one, act, coef, p)
+    for ng in range(mean.size):
+        _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@njit(inline="always")
+def _dx_coef_task(ng, rstd, w, S, dweight_ps, dbias_ps, coef):
+    G = rstd.shape[1]
+    Cg = coef.shape[2] // G
+    n = ng // G
+    g = ng - n * G
+    set_dx_coefs(coef, n, g, Cg, Cg * S, rstd[n, g], w, dweight_ps, dbias_ps)
+
+
+@njit(inline="always")
+def _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3):
+    """dx = scale*dz + k1*(x - mean) + k0 over one block, dz recomputed."""
+    n = t // nb
+    s0 = (t - n * nb) * sb
+    a = coef[n, 0]
+    zc = coef[n, 1]
+    m = coef[n, 2]
+    k1 = coef[n, 3]
+    k0 = coef[n, 4]
+    for s in range(s0, min(s0 + sb, x3.shape[1])):
+        xr = x3[n, s]
+        gr = dy3[n, s]
+        dxr = dx3[n, s]
+        for c in range(xr.shape[0]):
+            d = load(xr, c) - m[c]
+            v = load(gr, c)
+            if act != NONE:
+                v = v * derivative(act, d * a[c] + zc[c], one)
+            store(dxr, c, a[c] * v + k1[c] * d + k0[c])
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def bwd(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbias_ps, coef):
+    N, S, C = x3.shape
+    sb, nb = blocking(S, C, block)
+    p = np.empty((N, nb, 2, C))
+    for ng in prange(mean.size):
+        _coef_task(ng, mean, rstd, w, b, coef)
+    for t in prange(N * nb):
+        _sums_task(t, dy3, x3, sb, nb, one, act, coef, p)
+    for ng in prange(mean.size):
+        _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
+        _dx_coef_task(ng, rstd, w, S, dweight_ps, dbias_ps, coef)
+    for t in prange(N * nb):
+        _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3)
+
+
+@njit(cache=True, error_model="numpy")
+def bwd_serial(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbias_ps, coef):
+    """``bwd`` on the calling thread (small inputs)."""
+    N, S, C = x3.shape
+    sb, nb = blocking(S, C, block)
+    p = np.empty((N, nb, 2, C))
+    for ng in range(mean.size):
+        _coef_task(ng, mean, rstd, w, b, coef)
+    for t in range(N * nb):
+        _sums_task(t, dy3, x3, sb, nb, one, act, coef, p)
+    for ng in range(mean.size):
+        _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
+        _dx_coef_task(ng, rstd, w, S, dweight_ps, dbias_ps, coef)
+    for t in range(N * nb):
+        _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3)
