@@ -1,5 +1,5 @@
 """Per-call cost of the torch bridge against torch's native GroupNorm, at small shapes where
-Python overhead dominates (the issue's bar: at most 3x native at (1, 32, 8, 8)).
+Python overhead dominates (issue 9's target: a tiny no_grad call takes at most 1.5x torch's time).
 
     python benchmarks/bench_torch.py [--reps 21] [--calls 400] [--shape 1,32,8,8]
 
@@ -19,9 +19,11 @@ import argparse
 import statistics
 import time
 
-import torch
+import pytest
 
-import gnnumba.torch as gt
+torch = pytest.importorskip("torch")
+
+import gnnumba.torch as gt  # noqa: E402
 
 
 def _cases(shape, groups):
@@ -81,29 +83,28 @@ def main(argv=None):
     res = measure(shape, args.groups, args.reps, args.calls)
     print(f"shape {shape}, G={args.groups}, torch threads {torch.get_num_threads()}, "
           f"median of {args.reps} interleaved repetitions x {args.calls} calls")
-    print(f"{'case':18s} {'torch us':>9s} {'gnnumba us':>11s} {'ratio':>6s}")
-    for case, (native, ours) in res.items():
-        print(f"{case:18s} {native:9.2f} {ours:11.2f} {ours / native:6.2f}")
+    print(f"{'case':18s} {'torch us':>9s} {'gnnumba us':>11s} {'vs torch':>8s}")
+    for case, (native, ours) in res.items():  # vs torch > 1: gnnumba faster, as everywhere
+        print(f"{case:18s} {native:9.2f} {ours:11.2f} {native / ours:7.2f}x")
 
 
 # --------------------------------------------------------------------------- pytest
 
+SHAPE, GROUPS = (1, 32, 8, 8), 8
+CASES = ("inference", "train forward", "forward+backward")
+# every gnnumba timing has its torch counterpart in the same group
+WHO = {"torch": 0, "gnnumba.torch": 1}
 
-def _bench(benchmark, case, who):
-    f = _cases((1, 32, 8, 8), 8)[case][who]
+
+@pytest.mark.parametrize("who", list(WHO))
+@pytest.mark.parametrize("case", CASES)
+def test_overhead(benchmark, case, who):
+    f = _cases(SHAPE, GROUPS)[case][WHO[who]]
+    f()  # compile / load the Numba cache outside the timed region
+    shape = "×".join(map(str, SHAPE))
+    benchmark.group = f"tiny: overhead {shape} G={GROUPS} {case}"
+    benchmark.extra_info.update(peer=who, label="tiny")
     benchmark(f)
-
-
-def test_overhead_gnnumba_inference(benchmark):
-    _bench(benchmark, "inference", 1)
-
-
-def test_overhead_gnnumba_forward_backward(benchmark):
-    _bench(benchmark, "forward+backward", 1)
-
-
-def test_overhead_torch_inference(benchmark):
-    _bench(benchmark, "inference", 0)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""``per_sample_grads``: per-sample GroupNorm weight/bias gradients for NumPy and torch.
+"""``per_sample_grads``: per-sample GroupNorm weight/bias gradients for NumPy, torch and CUDA
+arrays, from x and dy alone.
 
-NumPy arrays (float32/float64) and torch CPU tensors run ``gnnumba.cpu``'s forward (for the
-statistics) and ``gnnumba.cpu.per_sample_param_grads`` (torch tensors zero-copy through
-``.numpy()``; float16/bfloat16 are upcast to float32 first, one copy, because NumPy has no
-bfloat16). CUDA tensors / CUDA arrays go to
-gnnumba's CUDA backend (``gnnumba.gpu``: its forward for the statistics, then its
-``per_sample_param_grads``); without numba-cuda they raise NotImplementedError.
+A thin layer over gnnumba's public kernels: ``gnnumba.group_norm_forward`` for the
+statistics (Opacus hands a sampler the layer's input and output gradient, not its mean and
+rstd), then ``gnnumba.per_sample_param_grads``. NumPy needs nothing else: this module
+imports neither torch nor Opacus. torch CPU tensors go in as zero-copy NumPy views
+(float16/bfloat16 upcast to float32 first, one copy); CUDA tensors and CUDA arrays go to
+gnnumba's CUDA kernels.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ import sys
 
 import numpy as np
 
-from gnnumba import _checks, activations, cpu
-from gnnumba.api import _as_layout, _choose_layout, _is_cuda_array, _views
-
-CPU_DTYPES = (np.float32, np.float64)
+import gnnumba
 
 
 def per_sample_grads(x, dy, num_groups, eps=1e-5, *, activation=None, weight=None, bias=None):
@@ -27,67 +25,71 @@ def per_sample_grads(x, dy, num_groups, eps=1e-5, *, activation=None, weight=Non
     ``grad_weight[n, c] = Σ_spatial dz·x̂`` and ``grad_bias[n, c] = Σ_spatial dz`` with
     x̂ = (x − mean) · rstd over each sample's group, and dz = dy for ``activation=None``.
 
-    ``activation="silu"``: the layer's output is ``silu(x̂·weight + bias)`` and ``dy`` is the
-    gradient w.r.t. that output, so the pre-activation must be recomputed: pass the layer's
-    ``weight`` and ``bias`` (shape (C,); ``None`` means 1 and 0, i.e. ``affine=False``). Without
-    an activation they do not enter the result and may be omitted.
+    ``activation`` ("silu", "relu", "gelu"): the layer's output is ``act(x̂·weight + bias)``
+    and ``dy`` is the gradient w.r.t. that output, so the pre-activation must be recomputed:
+    pass the layer's ``weight`` and ``bias`` (shape (C,); ``None`` means 1 and 0, i.e.
+    ``affine=False``). Without an activation they do not enter the result.
 
-    NumPy in -> NumPy out, torch in -> torch out, in x's dtype. Deterministic (bit-identical
-    on every call, for any thread count).
+    NumPy in -> NumPy out, torch in -> torch out, in x's dtype; CUDA arrays give Numba device
+    arrays. Deterministic (bit-identical on every call, for any thread count). Bad input
+    raises ``ValueError``/``TypeError`` naming the problem (gnnumba's checks).
     """
     torch = sys.modules.get("torch")  # a tensor implies torch is imported; NumPy users skip it
     if torch is not None and isinstance(x, torch.Tensor):
         return _torch_per_sample_grads(torch, x, dy, num_groups, eps, activation, weight, bias)
-    if _is_cuda_array(x):
-        return _cuda_per_sample_grads(x, dy, num_groups, eps, activation, weight, bias)
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"x must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__} "
-                        f"(convert with np.asarray(x, dtype=np.float32))")
-    if not isinstance(dy, np.ndarray):
-        raise TypeError(f"dy must be a numpy.ndarray like x, got {type(dy).__name__}")
-    _checks.check_dtype(x.dtype, CPU_DTYPES, "x")
-    _checks.check_ndim(x.shape)
-    gw, gb = _numpy_per_sample_grads(x, dy, num_groups, eps, activation,
-                                     _np_param(weight, "weight", x), _np_param(bias, "bias", x))
-    return gw.astype(x.dtype, copy=False), gb.astype(x.dtype, copy=False)
+    gw, gb = _per_sample_grads(x, dy, num_groups, eps, activation, weight, bias)
+    if isinstance(x, np.ndarray):
+        return gw.astype(x.dtype, copy=False), gb.astype(x.dtype, copy=False)
+    return gw, gb
 
 
-def _validate(x_shape, dy_shape, num_groups, eps, activation):
-    _checks.check_ndim(tuple(x_shape))
-    G = _checks.check_num_groups(num_groups, x_shape[1])
-    eps = _checks.check_eps(eps)
-    activation = _checks.check_activation(activation)
-    _checks.check_same_shape("dy", tuple(dy_shape), tuple(x_shape))
-    return G, eps, activation
+def _per_sample_grads(x, dy, G, eps, activation, weight, bias):
+    """Statistics, then the per-sample sums; any array kind gnnumba takes."""
+    psg = getattr(gnnumba, "per_sample_param_grads", None)
+    if psg is None:  # a gnnumba from before the public kernel
+        return _per_sample_by_backward(x, dy, G, eps, activation, weight, bias)
+    # the statistics do not depend on the affine or the activation: skip both
+    _, mean, rstd = gnnumba.group_norm_forward(x, G, None, None, eps)
+    return psg(dy, x, mean, rstd, G, weight, bias, activation=activation)
 
 
-def _np_param(p, name, x):
-    if p is None:
-        return None
-    if not isinstance(p, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of shape (C,) like x, or None; "
-                        f"got {type(p).__name__}")
-    _checks.check_param_shape(name, p.shape, x.shape[1])
-    return p
-
-
-def _numpy_per_sample_grads(x, dy, num_groups, eps, activation, weight, bias):
-    """Validated CPU path on NumPy arrays; float64 (N, C) results."""
-    G, eps, activation = _validate(x.shape, dy.shape, num_groups, eps, activation)
-    _checks.check_same_dtype("dy", dy.dtype, x.dtype)
+def _per_sample_by_backward(x, dy, G, eps, activation, weight, bias):
+    """The same numbers from one ``group_norm_backward`` call: the batch seen as ONE sample
+    of N·C channels in N·G groups has the same groups, so its dweight/dbias over N·C
+    channels are the per-sample gradients (dx is computed and dropped). For gnnumba versions
+    without ``per_sample_param_grads``."""
+    if getattr(x, "ndim", 0) < 2:  # gnnumba names the problem
+        gnnumba.group_norm_forward(x, G, None, None, eps)
+    # validate on an empty batch first, so that errors name C and G, not N·C and N·G
+    _, m0, r0 = gnnumba.group_norm_forward(x[:0], G, None, None, eps)
+    gnnumba.group_norm_backward(dy[:0], x[:0], m0, r0, G, weight, bias, activation=activation)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy has shape {tuple(dy.shape)} but x has shape {tuple(x.shape)}; "
+                         f"dy must have the same shape as x")
     N, C = x.shape[:2]
-    if x.size == 0:  # sums over nothing (N == 0 or an empty spatial dim)
-        return np.zeros((N, C)), np.zeros((N, C))
-    cdt = cpu.compute_dtype(x.dtype)
-    w = np.ones(C, cdt) if weight is None else np.ascontiguousarray(weight, dtype=cdt)
-    b = np.zeros(C, cdt) if bias is None else np.ascontiguousarray(bias, dtype=cdt)
-    xl, channels_last = _choose_layout(x)
-    dyl = _as_layout(dy, channels_last)
-    x3, dy3 = _views(xl, channels_last), _views(dyl, channels_last)
-    act = activations.code(activation)
-    # the statistics come from the forward (its y is scratch here)
-    mean, rstd = cpu.forward(x3, G, w, b, eps, act, np.empty_like(x3), channels_last)
-    return cpu.per_sample_param_grads(dy3, x3, mean, rstd, w, b, act, channels_last)
+    acc = np.float64 if x.dtype == np.float64 else np.float32
+    if N == 0 or x.size == 0:
+        zeros = np.zeros((N, C), acc)
+        if isinstance(x, np.ndarray):
+            return zeros, zeros.copy()
+        from numba import cuda
+
+        return cuda.to_device(zeros), cuda.to_device(zeros)
+    flat = (1, N * C) + tuple(x.shape[2:])
+    x1, dy1 = x.reshape(flat), dy.reshape(flat)
+    w = np.ones(C, x.dtype) if weight is None else weight
+    b = np.zeros(C, x.dtype) if bias is None else bias
+    if isinstance(x, np.ndarray):
+        w1, b1 = np.tile(w, N), np.tile(b, N)
+    else:  # CUDA arrays: tile on the host (C values)
+        from numba import cuda
+
+        host = [a if isinstance(a, np.ndarray) else a.copy_to_host() for a in (w, b)]
+        w1, b1 = (cuda.to_device(np.tile(a, N)) for a in host)
+    _, mean, rstd = gnnumba.group_norm_forward(x1, N * G, None, None, eps)
+    _, dw, db = gnnumba.group_norm_backward(dy1, x1, mean, rstd, N * G, w1, b1,
+                                            activation=activation)
+    return dw.reshape(N, C), db.reshape(N, C)
 
 
 def _torch_per_sample_grads(torch, x, dy, num_groups, eps, activation, weight, bias):
@@ -101,60 +103,25 @@ def _torch_per_sample_grads(torch, x, dy, num_groups, eps, activation, weight, b
         if p is not None and not isinstance(p, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (C,) or None when x is a "
                             f"torch.Tensor, got {type(p).__name__}")
-    if x.is_cuda:
-        # bfloat16 is upcast (one copy) like on the CPU; weight/bias must match x's dtype
-        compute = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
-
-        def dev(t):
-            return None if t is None else t.detach().to(compute).reshape(-1).contiguous()
-
-        gw, gb = _cuda_per_sample_grads(x.detach().to(compute), dy.detach().to(compute),
-                                        num_groups, eps, activation, dev(weight), dev(bias))
-        return (torch.as_tensor(gw, device=x.device).to(x.dtype),
-                torch.as_tensor(gb, device=x.device).to(x.dtype))
-    if x.device.type != "cpu":
-        raise TypeError(f"per_sample_grads supports CPU and CUDA tensors, got device {x.device}")
     if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise TypeError(f"x has dtype {x.dtype}, which is not supported; use float32, float64, "
                         f"float16 or bfloat16 (e.g. x.float())")
+    if x.device.type not in ("cpu", "cuda"):
+        raise TypeError(f"per_sample_grads supports CPU and CUDA tensors, got device {x.device}")
+    # half precision is accumulated in float32 anyway; NumPy has no bfloat16
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    def as_np(t):
-        # .numpy() is a zero-copy view that keeps the strides (channels_last stays so)
-        return t.detach().to(compute).numpy()
+    def arr(t):
+        if t is None:
+            return None
+        t = t.detach().to(compute)
+        # CPU: .numpy() is a zero-copy view that keeps the strides (channels_last stays so);
+        # CUDA: gnnumba reads the tensor through __cuda_array_interface__
+        return t.numpy() if t.device.type == "cpu" else t
 
-    if x.ndim < 2:
-        _checks.check_ndim(tuple(x.shape))
-    C = x.shape[1]
-    w = None if weight is None else weight.detach().to(torch.float64).reshape(-1).numpy()
-    b = None if bias is None else bias.detach().to(torch.float64).reshape(-1).numpy()
-    for name, p in (("weight", w), ("bias", b)):
-        if p is not None:
-            _checks.check_param_shape(name, p.shape, C)
-    gw, gb = _numpy_per_sample_grads(as_np(x), as_np(dy), num_groups, eps, activation, w, b)
-    return torch.from_numpy(gw).to(x.dtype), torch.from_numpy(gb).to(x.dtype)
-
-
-def _cuda_per_sample_grads(x, dy, num_groups, eps, activation, weight, bias):
-    """CUDA arrays/tensors: the statistics from the CUDA forward, then the CUDA backend's
-    backward with its (N, C) per-sample sums (dx comes along; cheap next to the reads).
-    Results are Numba device arrays (float32, float64 for float64 x)."""
-    G, eps, activation = _validate(x.shape, dy.shape, num_groups, eps, activation)
-    try:
-        # the package is gnnumba.gpu (numba-cuda hijacks module names containing "cuda")
-        from gnnumba import gpu as backend
-    except ImportError as e:
-        raise NotImplementedError(
-            "per_sample_grads got a CUDA array, but gnnumba's CUDA backend is not available "
-            f"({e}); move the tensors to the CPU (x.cpu(), dy.cpu()) or install gnnumba[cuda]"
-        ) from e
-    fn = getattr(backend, "per_sample_param_grads", None)
-    if fn is None:
-        raise NotImplementedError(
-            "per_sample_grads got a CUDA array, but this gnnumba.gpu has no "
-            "per_sample_param_grads; move the tensors to the CPU (x.cpu(), dy.cpu())"
-        )
-    _, mean, rstd = backend.group_norm_forward(x, G, weight, bias, eps, activation=activation,
-                                               out=None)
-    _, gw, gb = fn(dy, x, mean, rstd, G, weight, bias, activation=activation)
-    return gw, gb
+    gw, gb = _per_sample_grads(arr(x), arr(dy), num_groups, eps, activation,
+                               arr(weight), arr(bias))
+    return (torch.as_tensor(np.asarray(gw) if x.device.type == "cpu" else gw,
+                            device=x.device).to(x.dtype),
+            torch.as_tensor(np.asarray(gb) if x.device.type == "cpu" else gb,
+                            device=x.device).to(x.dtype))

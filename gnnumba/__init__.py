@@ -12,11 +12,11 @@ PyTorch: ``import gnnumba.torch`` (a drop-in ``nn.GroupNorm``). Where the kernel
 
 from . import _threading  # noqa: F401  (picks a thread-safe Numba threading layer first)
 from ._checks import GroupNormError
-from .api import group_norm, group_norm_backward, group_norm_forward
+from .api import group_norm, group_norm_backward, group_norm_forward, per_sample_param_grads
 from .warmup import precompile
 
 __all__ = ["GroupNormError", "group_norm", "group_norm_backward", "group_norm_forward",
-           "precompile"]
+           "per_sample_param_grads", "precompile"]
 
 
 def _version() -> str:

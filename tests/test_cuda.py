@@ -21,7 +21,7 @@ import pytest
 from numba import cuda
 
 import gnnumba
-from gnnumba import _checks, reference
+from gnnumba import _checks, activations, reference
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 HAVE_GPU = (not SIM) and cuda.is_available()
@@ -97,7 +97,7 @@ def test_split_and_fused_paths_agree(small, monkeypatch, fused_items):
         monkeypatch.setattr(config, "FUSED_ITEMS", fused_items)
     x, dy, w, b = _inputs((2, 4, 5, 6))  # group of 2 x 30 = 60 elements
     y, m, r = gc.group_norm_forward(_dev(x), 2, _dev(w), _dev(b), 1e-5, activation="silu")
-    yr, mr, rr = reference.forward(x, 2, w, b, 1e-5, "silu")
+    yr, mr, rr = selftest.reference_forward(x, 2, w, b, 1e-5, "silu")
     np.testing.assert_allclose(_host(y), yr, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_host(r), rr, rtol=1e-5)
 
@@ -141,10 +141,9 @@ def test_no_affine_gives_none_grads_and_per_sample_grads(small):
     np.testing.assert_allclose(_host(y), yr, rtol=1e-5, atol=1e-5)
     dx, dw, db = gc.group_norm_backward(_dev(dy), _dev(x), m, r, 2, None, None)
     assert dw is None and db is None
-    dx2, dwn, dbn = gc.per_sample_param_grads(_dev(dy), _dev(x), m, r, 2, None, None)
+    dwn, dbn = gc.per_sample_param_grads(_dev(dy), _dev(x), m, r, 2, None, None)
     dxr, _, _, dwnr, dbnr = reference.backward(dy, x, 2)
     np.testing.assert_allclose(_host(dx), dxr, rtol=1e-4, atol=1e-5)
-    assert np.array_equal(_host(dx), _host(dx2))
     assert _host(dwn).shape == (3, 4) and _host(dwn).dtype == np.float32
     np.testing.assert_allclose(_host(dwn), dwnr, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(_host(dbn), dbnr, rtol=1e-4, atol=1e-5)
@@ -234,7 +233,8 @@ def test_strided_copy_kernel(small):
     ks = launch._kernels(np.float32, None)
     dst = cuda.to_device(np.zeros(12, np.float32))
     # logical (3, 4) view of src: rows step -20 (start at 40), columns step 3
-    ks.strided_copy[1, 32](cuda.to_device(src), 40, (-20, 3), dst, 0, (4, 1), (3, 4))
+    launch._launch(ks, "strided_copy", 1, 32, 0, cuda.to_device(src), 40, (-20, 3), dst, 0,
+                   (4, 1), (3, 4))
     want = np.array([[40 - 20 * i + 3 * j for j in range(4)] for i in range(3)], np.float32)
     assert np.array_equal(_host(dst).reshape(3, 4), want)
 
@@ -284,3 +284,195 @@ def test_workspace_allocator_serves_every_workspace(small):
     assert requests, "no workspace was requested from the allocator"
     for a, e in zip(got, expected):
         np.testing.assert_array_equal(a, e)
+
+
+# --------------------------------------------------------------------------- new paths
+
+
+def _case(shape, dtype, seed=0, offset=3.0, scale=2.0):
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    x = (offset + scale * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = (1.0 + 0.5 * rng.standard_normal(C)).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    return x, dy, w, b
+
+
+def _rel_err(got, want):
+    want = np.asarray(want, np.float64)
+    return float(np.max(np.abs(_host(got).astype(np.float64) - want))
+                 / max(1.0, float(np.max(np.abs(want)))))
+
+
+@device
+@pytest.mark.parametrize("act", list(activations.CODES), ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_every_activation_forward_backward_per_sample(small, act, cl):
+    """Forward, backward and per-sample gradients of every activation in the table, both
+    layouts, groups spanning several blocks (split path), against the float64 reference."""
+    x, dy, w, b = _case((2, 6, 4, 5), np.float32, seed=1)
+    xd, dyd, wd, bd = _dev(x, cl), _dev(dy, cl), _dev(w), _dev(b)
+    y, m, r = gc.group_norm_forward(xd, 3, wd, bd, 1e-5, activation=act)
+    dx, dw, db = gc.group_norm_backward(dyd, xd, m, r, 3, wd, bd, activation=act)
+    dwn, dbn = gc.per_sample_param_grads(dyd, xd, m, r, 3, wd, bd, activation=act)
+    yr, mr, rr = selftest.reference_forward(x, 3, w, b, 1e-5, act)
+    dxr, dwr, dbr, dwnr, dbnr = selftest.reference_backward(dy, x, 3, w, b, 1e-5, act)
+    for got, want, tol in [(y, yr, 1e-5), (m, mr, 1e-6), (r, rr, 1e-5), (dx, dxr, 1e-4),
+                           (dw, dwr, 1e-4), (db, dbr, 1e-4), (dwn, dwnr, 1e-4),
+                           (dbn, dbnr, 1e-4)]:
+        assert _rel_err(got, want) <= tol
+    # the backward's parameter gradients are the per-sample ones summed over n, in order
+    assert np.array_equal(_host(dw), _host(dwn).sum(axis=0, dtype=np.float32))
+    assert np.array_equal(_host(db), _host(dbn).sum(axis=0, dtype=np.float32))
+
+
+@device
+@pytest.mark.parametrize("path, shape, G, cl, expected", [
+    ("fused", (2, 4, 3, 5), 2, False, dict(forward=1, backward=3, per_sample=2)),
+    ("split", (2, 6, 5, 7), 3, False, dict(forward=3, backward=3, per_sample=2)),
+    ("channels_last", (2, 6, 4, 5), 3, True, dict(forward=3, backward=3, per_sample=2)),
+])
+def test_launch_counts(small, monkeypatch, path, shape, G, cl, expected):
+    """Forward: 1 launch for a group in one block's registers, else 3; backward 3 (sums,
+    merge, dx with the parameter sums); per-sample gradients 2 (no dx)."""
+    if SIM and path == "fused":
+        monkeypatch.setattr(config, "FUSED_ITEMS", 64)
+    names = []
+    real = launch._launch
+
+    def counting(ks, name, *args):
+        names.append(name)
+        return real(ks, name, *args)
+
+    monkeypatch.setattr(launch, "_launch", counting)
+    x, dy, w, b = _case(shape, np.float32)
+    xd, dyd, wd, bd = _dev(x, cl), _dev(dy, cl), _dev(w), _dev(b)
+    N, C = shape[:2]
+    y = launch.empty(shape, np.float32, launch.CL if cl else launch.NCHW)
+    m = cuda.device_array((N, G), np.float32)
+    r = cuda.device_array((N, G), np.float32)
+    counts = {}
+    gc.launch_forward(xd, G, wd, bd, 1e-5, "silu", y, m, r)
+    counts["forward"], names[:] = len(names), []
+    dx = launch.empty(shape, np.float32, launch.CL if cl else launch.NCHW)
+    dwn = cuda.device_array((N, C), np.float32)
+    dbn = cuda.device_array((N, C), np.float32)
+    gc.launch_backward(dyd, xd, m, r, G, wd, bd, "silu", dx, dwn, dbn,
+                       cuda.device_array(C, np.float32), cuda.device_array(C, np.float32))
+    counts["backward"], names[:] = len(names), []
+    gc.launch_per_sample_param_grads(dyd, xd, m, r, G, wd, bd, "silu", dwn, dbn)
+    counts["per_sample"] = len(names)
+    assert counts == expected, names
+    assert not any(n.startswith("bwd_dx") for n in names)  # per-sample: no dx pass
+
+
+@device
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("fused_items", [2, 64])  # split path and on-chip path
+def test_constant_groups_are_exact(small, monkeypatch, cl, fused_items):
+    """A constant group has variance exactly 0 (shifted sums, Chan merges of equal means):
+    mean is the value, rstd = 1/sqrt(eps), y = beta exactly; also at 1e6 in float32."""
+    if SIM:
+        monkeypatch.setattr(config, "FUSED_ITEMS", fused_items)
+    shape = (2, 6, 4, 5)
+    x = np.full(shape, 1e6, np.float32)
+    x[1] = -3.25
+    b = np.linspace(-1, 1, 6).astype(np.float32)
+    w = np.full(6, 2.0, np.float32)
+    y, m, r = gc.group_norm_forward(_dev(x, cl), 3, _dev(w), _dev(b), 1e-5)
+    assert np.array_equal(_host(m), np.array([[1e6] * 3, [-3.25] * 3], np.float32))
+    np.testing.assert_allclose(_host(r), 1 / np.sqrt(1e-5), rtol=1e-6)
+    assert np.array_equal(_host(y), np.broadcast_to(b[None, :, None, None], shape))
+
+
+@device
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("offset", [1e4, -3e5])
+@pytest.mark.parametrize("min_block", [16, 4096], ids=["blocks", "flushes"])
+def test_large_offsets_stay_accurate(small, monkeypatch, cl, offset, min_block):
+    """x = offset + randn in float32 across several blocks per group ("blocks"), or in one
+    block per group where each thread flushes its shifted sums several times ("flushes"):
+    the variance keeps float32 accuracy of the spread (E[x^2] - E[x]^2 would lose it)."""
+    if SIM:
+        monkeypatch.setattr(config, "MIN_BLOCK_ELEMS", min_block)
+    x, dy, w, b = _case((2, 4, 9, 16), np.float32, seed=4, offset=offset, scale=1.0)
+    y, m, r = gc.group_norm_forward(_dev(x, cl), 2, _dev(w), _dev(b), 1e-5)
+    yr, mr, rr = reference.forward(x, 2, w, b, 1e-5)
+    np.testing.assert_allclose(_host(r), rr, rtol=2e-3)
+    np.testing.assert_allclose(_host(y), yr, atol=abs(offset) * 2e-6)
+
+
+@device
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_half_input_parameter_gradients_stay_float32(small, cl):
+    """float16 x with float32 parameter-gradient outputs: the sum over n is formed and
+    stored in float32, so 4 samples of 48000 each give 192000 (float16 would overflow to
+    inf above 65504); the per-sample gradients are float32 too."""
+    shape = (4, 2, 4, 4)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(np.float16)
+    dy = np.full(shape, 3000, np.float16)
+    xd, dyd = _dev(x, cl), _dev(dy, cl)
+    _, m, r = gc.group_norm_forward(xd, 1, None, None, 1e-5)
+    dx = launch.empty(shape, np.float16, launch.CL if cl else launch.NCHW)
+    dw = cuda.device_array(2, np.float32)
+    db = cuda.device_array(2, np.float32)
+    gc.launch_backward(dyd, xd, m, r, 1, None, None, None, dx, dweight=dw, dbias=db)
+    np.testing.assert_array_equal(_host(db), [192000.0, 192000.0])
+    _, _, dbr, _, _ = reference.backward(dy, x, 1)
+    assert np.all(np.isfinite(_host(dw)))
+    with pytest.raises(TypeError, match="dbias has dtype float64, expected float16 or float32"):
+        gc.launch_backward(dyd, xd, m, r, 1, None, None, None, dx,
+                           dbias=cuda.device_array(2, np.float64))
+
+
+@device
+def test_launch_plans_are_cached(small):
+    x, dy, w, b = _case((2, 6, 5, 7), np.float32)
+    launch.forward_plan.cache_clear()
+    for _ in range(3):
+        gc.group_norm_forward(_dev(x), 3, None, None, 1e-5)
+    info = launch.forward_plan.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+
+
+@device
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_whole_tiles_and_tails(small, cl):
+    """Rows long enough for whole register tiles (loads without bounds checks) followed by a
+    tail (S = 150: NCHW chunks of 64, 64, 22; channels-last blocks of 16 positions and one
+    of 6), through the forward, backward and per-sample kernels."""
+    x, dy, w, b = _case((1, 4, 10, 15), np.float32, seed=6)
+    xd, dyd, wd, bd = _dev(x, cl), _dev(dy, cl), _dev(w), _dev(b)
+    y, m, r = gc.group_norm_forward(xd, 2, wd, bd, 1e-5, activation="silu")
+    dx, dw, db = gc.group_norm_backward(dyd, xd, m, r, 2, wd, bd, activation="silu")
+    dwn, dbn = gc.per_sample_param_grads(dyd, xd, m, r, 2, wd, bd, activation="silu")
+    yr, _, rr = selftest.reference_forward(x, 2, w, b, 1e-5, "silu")
+    dxr, dwr, dbr, dwnr, dbnr = selftest.reference_backward(dy, x, 2, w, b, 1e-5, "silu")
+    for got, want, tol in [(y, yr, 1e-5), (r, rr, 1e-5), (dx, dxr, 1e-4), (dw, dwr, 1e-4),
+                           (db, dbr, 1e-4), (dwn, dwnr, 1e-4), (dbn, dbnr, 1e-4)]:
+        assert _rel_err(got, want) <= tol
+
+
+@device
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_bfloat16_natively(small, cl):
+    """bfloat16 arrays (ml_dtypes) run the kernels directly, accumulating in float32: y and
+    dx are bfloat16, mean/rstd and the per-sample gradients float32."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    x, dy, w, b = _case((2, 6, 4, 5), np.float32, seed=8)
+    x, dy, w, b = (a.astype(bf16) for a in (x, dy, w, b))
+    xd, dyd, wd, bd = _dev(x, cl), _dev(dy, cl), _dev(w), _dev(b)
+    y, m, r = gc.group_norm_forward(xd, 3, wd, bd, 1e-5, activation="gelu")
+    dx, dw, db = gc.group_norm_backward(dyd, xd, m, r, 3, wd, bd, activation="gelu")
+    dwn, dbn = gc.per_sample_param_grads(dyd, xd, m, r, 3, wd, bd, activation="gelu")
+    assert _host(y).dtype == bf16 and _host(dx).dtype == bf16 and _host(m).dtype == np.float32
+    assert _host(dwn).dtype == np.float32
+    f = [a.astype(np.float64) for a in (x, dy, w, b)]
+    yr, mr, rr = selftest.reference_forward(f[0], 3, f[2], f[3], 1e-5, "gelu")
+    dxr, dwr, dbr, dwnr, dbnr = selftest.reference_backward(f[1], f[0], 3, f[2], f[3], 1e-5,
+                                                            "gelu")
+    for got, want, tol in [(y, yr, 1e-2), (m, mr, 1e-6), (r, rr, 1e-5), (dx, dxr, 2e-2),
+                           (dw, dwr, 2e-2), (dwn, dwnr, 1e-4), (dbn, dbnr, 1e-4)]:
+        assert _rel_err(got, want) <= tol

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -16,9 +17,9 @@ opacus = pytest.importorskip("opacus")
 
 import dp  # noqa: E402  (registers the sampler)
 from dp import sensitivity  # noqa: E402
-from gnnumba import config, reference  # noqa: E402
+from gnnumba import activations, config, reference  # noqa: E402
 from gnnumba.torch import GroupNorm  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from opacus.grad_sample import GradSampleModule  # noqa: E402
 from opacus.utils.per_sample_gradients_utils import (  # noqa: E402
@@ -35,6 +36,31 @@ SHAPES = [
     ((2, 12, 3, 3, 3), 12),  # group == channel (InstanceNorm-like), 3-D spatial
     ((2, 4, 70, 70), 2),  # group larger than CPU_CHUNK: chunked statistics merge
 ]
+
+
+def _supported(activation) -> bool:
+    """Whether gnnumba's kernels and the float64 reference both compute this activation yet
+    (relu/gelu land with the activation table). Until then its tests are reported as
+    expected failures (x/X), never as passes: the kernel and the reference may both still
+    ignore it and agree."""
+    if activation is None:
+        return True
+    import gnnumba
+
+    z = np.linspace(-3, 3, 24).reshape(1, 2, 12)
+    plain = reference.forward(z, 1)[0]
+    want = activations.numpy_forward(activation, plain)
+    return (np.allclose(gnnumba.group_norm(z, 1, activation=activation), want, atol=1e-12)
+            and np.allclose(reference.forward(z, 1, activation=activation)[0], want))
+
+
+def _activation_params():
+    return [a if _supported(a) else pytest.param(a, marks=pytest.mark.xfail(
+        reason=f"gnnumba's kernels or reference do not compute activation={a!r} yet"))
+        for a in activations.NAMES]
+
+
+ACTIVATIONS = _activation_params()
 
 
 def _channels_last(a):
@@ -54,7 +80,7 @@ def _data(shape, dtype, seed=0):
 
 
 @pytest.mark.parametrize("shape,G", SHAPES)
-@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
 def test_matches_float64_reference(shape, G, activation, layout, dtype, tol):
@@ -121,7 +147,7 @@ def test_bad_input_raises_clearly():
         dp.per_sample_grads(x, x.astype(np.float64), 3)
     with pytest.raises(TypeError, match="not supported"):
         dp.per_sample_grads(x.astype(np.int32), x.astype(np.int32), 3)
-    with pytest.raises(TypeError, match="numpy.ndarray or a torch.Tensor"):
+    with pytest.raises(TypeError, match="numpy.ndarray"):
         dp.per_sample_grads([[1.0, 2.0]], [[1.0, 2.0]], 1)
     with pytest.raises(ValueError, match="unknown activation"):
         dp.per_sample_grads(x, x, 3, activation="tanh")
@@ -134,7 +160,7 @@ def test_bad_input_raises_clearly():
 # --------------------------------------------------------------------------- torch
 
 
-@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_torch_in_torch_out_matches_autograd_microbatches(activation):
     torch.manual_seed(0)
     x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
@@ -175,21 +201,24 @@ def test_torch_bad_input():
         dp.per_sample_grads(x.int(), x.int(), 2)
 
 
-def test_cuda_without_backend_raises_clearly(monkeypatch):
-    import gnnumba.api
+def test_dp_uses_only_public_gnnumba_names():
+    # dp is a thin Opacus adapter: every gnnumba name it imports is public API
+    import ast
+    import pathlib
 
-    class FakeCuda:
-        shape = (2, 4, 3)
-        __cuda_array_interface__ = {}
-
-    import gnnumba
-
-    monkeypatch.setitem(sys.modules, "gnnumba.gpu", None)  # backend "not installed"
-    monkeypatch.delattr(gnnumba, "gpu", raising=False)
-    monkeypatch.setattr(gnnumba.api, "_is_cuda_array", lambda a: isinstance(a, FakeCuda))
-    monkeypatch.setattr(dp.per_sample, "_is_cuda_array", lambda a: isinstance(a, FakeCuda))
-    with pytest.raises(NotImplementedError, match="CUDA backend"):
-        dp.per_sample_grads(FakeCuda(), FakeCuda(), 2)
+    private = []
+    for path in pathlib.Path(dp.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gnnumba"):
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names if a.name.startswith("gnnumba")]
+            else:
+                continue
+            private += [f"{path.name}: {m}" for m in mods
+                        if any(part.startswith("_") for part in m.split("."))
+                        or m.split(".")[:2] in (["gnnumba", "cpu"], ["gnnumba", "api"])]
+    assert private == []
 
 
 def test_cuda_arrays_in_the_simulator():
@@ -224,7 +253,8 @@ def test_registered_for_the_exact_class():
         GradSampleModuleFastGradientClipping as Ghost,
     )
 
-    assert GradSampleModule.GRAD_SAMPLERS[GroupNorm] is dp.grad_sampler.compute_group_norm_grad_sample
+    gs = dp.grad_sampler
+    assert GradSampleModule.GRAD_SAMPLERS[GroupNorm] is gs.compute_group_norm_grad_sample
     assert Ghost.NORM_SAMPLERS[GroupNorm] is dp.grad_sampler.compute_group_norm_norm_sample
     assert list(GroupNorm(2, 4).buffers()) == []
 
@@ -242,8 +272,11 @@ def _gn(G, C, activation, affine=True, seed=0):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(N=st.integers(1, 5), Cg=st.integers(1, 4), G=st.integers(1, 4),
        spatial=st.lists(st.integers(1, 5), min_size=0, max_size=3),
-       activation=st.sampled_from([None, "silu"]), seed=st.integers(0, 2**16))
+       activation=st.sampled_from(activations.NAMES), seed=st.integers(0, 2**16))
 def test_opacus_check_per_sample_gradients(N, Cg, G, spatial, activation, seed):
+    # the micro-batch reference runs batches of one sample, and torch (so gnnumba.torch)
+    # refuses a batch with one value per group
+    assume(Cg * math.prod(spatial) > 1)
     torch.manual_seed(seed)
     x = torch.randn(N, Cg * G, *spatial)
     model = _gn(G, Cg * G, activation, seed=seed)
@@ -259,13 +292,106 @@ def test_opacus_check_in_a_network():
     assert check_per_sample_gradients_are_correct(x, model, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.filterwarnings("ignore:dp. a gnnumba GroupNorm received channels_last")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_opacus_check_channels_last(activation):
     # GroupNorm alone: Opacus 1.6's own Conv2d sampler is wrong on channels_last input
     # (measured: weight grads off by O(1)), so no conv in front here
     x = torch.randn(6, 8, 5, 7).to(memory_format=torch.channels_last)
     assert check_per_sample_gradients_are_correct(x, _gn(4, 8, activation), atol=1e-5,
                                                   rtol=1e-4)
+
+
+def test_opacus_conv2d_channels_last_trap_warns_once(monkeypatch):
+    # the trap outside gnnumba: Opacus' Conv2d sampler on channels_last input is wrong...
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(5, 3, 6, 6)
+    assert check_per_sample_gradients_are_correct(x, conv, atol=1e-5, rtol=1e-4)
+    cl = x.to(memory_format=torch.channels_last)
+    opacus_is_right = check_per_sample_gradients_are_correct(
+        cl, conv.to(memory_format=torch.channels_last), atol=1e-5, rtol=1e-4)
+    # ...so dp warns, once, the first time its sampler sees channels_last input
+    monkeypatch.setattr(dp.grad_sampler, "_warned_channels_last", False)
+    layer = _gn(2, 4, None)
+    xs = torch.randn(3, 4, 5, 5)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        dp.grad_sampler.compute_group_norm_grad_sample(layer, [xs], xs)  # NCHW: silent
+        assert seen == []
+        xc = xs.to(memory_format=torch.channels_last)
+        for _ in range(3):
+            dp.grad_sampler.compute_group_norm_grad_sample(layer, [xc], xc)
+    assert len(seen) == 1 and "Opacus 1.6's Conv2d" in str(seen[0].message)
+    assert "torch.contiguous_format" in str(seen[0].message)
+    if opacus_is_right:  # a fixed Opacus: the warning can go (this test says when)
+        pytest.fail("Opacus' Conv2d sampler is now right on channels_last input: "
+                    "drop dp.grad_sampler's channels_last warning")
+
+
+def _torch_func_supported() -> bool:
+    """Whether gnnumba.torch works under torch.func transforms (what Opacus' "functorch"
+    and "ew" modes need; the torch bridge gains it with its setup_context/vmap support)."""
+    try:
+        torch.func.vmap(lambda t: GroupNorm(2, 4)(t))(torch.randn(2, 3, 4, 5))
+        return True
+    except RuntimeError:
+        return False
+
+
+def _expanded_weights_supported() -> bool:
+    """Whether gnnumba.torch.GroupNorm runs with torch's ExpandedWeight parameters (what
+    Opacus' "ew" mode wraps the parameters in)."""
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+    try:
+        call_for_per_sample_grads(GroupNorm(2, 4))(torch.randn(3, 4, 5)).sum().backward()
+        return True
+    except RuntimeError:
+        return False
+
+
+_NEEDS_FUNC = pytest.mark.xfail(
+    not _torch_func_supported(), strict=True,
+    reason="gnnumba.torch does not support torch.func (vmap) yet: Opacus raises 'In order to "
+           "use an autograd.Function with functorch transforms ... it must override the "
+           "setup_context staticmethod'")
+_NEEDS_EW = pytest.mark.xfail(
+    not _expanded_weights_supported(), strict=True,
+    reason="gnnumba.torch does not run with ExpandedWeight parameters yet: torch raises "
+           "'Expanded Weights encountered but cannot handle function dim' (the bridge's "
+           "parameter check calls weight.dim())")
+
+
+@pytest.mark.parametrize("mode", ["hooks", pytest.param("functorch", marks=_NEEDS_FUNC),
+                                  pytest.param("ew", marks=_NEEDS_EW)])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_opacus_check_every_grad_sample_mode(mode, activation):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 3)
+    assert check_per_sample_gradients_are_correct(x, _gn(3, 6, activation), atol=1e-5,
+                                                  rtol=1e-4, grad_sample_mode=mode)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_ghost_mode_per_sample_norms_match_microbatches(activation):
+    # Opacus' check_per_sample_gradients_are_correct cannot test "ghost" for any layer
+    # (ghost clipping never materialises grad_sample; torch.nn.GroupNorm fails it the same
+    # way), so compare the ghost norms with micro-batch gradients' norms directly.
+    from opacus.grad_sample import wrap_model
+
+    torch.manual_seed(0)
+    layer = _gn(2, 4, activation)
+    x = torch.randn(5, 4, 3, 3)
+    want = []
+    for n in range(5):
+        layer.zero_grad()
+        layer(x[n:n + 1]).square().sum().backward()
+        want.append(torch.cat([layer.weight.grad, layer.bias.grad]).norm())
+    ghost = wrap_model(_gn(2, 4, activation), grad_sample_mode="ghost", batch_first=True,
+                       loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=True)
+    ghost(x).square().sum().backward()
+    torch.testing.assert_close(ghost.get_norm_sample(), torch.stack(want))
 
 
 def test_norm_sampler_matches_grad_sampler():
@@ -377,6 +503,11 @@ def test_sensitivity_gn_within_c_bn_exceeds(batch):
         assert gn["change"] <= clip * (1 + 1e-6)
         assert gn["change"] > 0.99 * clip  # the added sample's own clipped gradient
         assert clip * 1.2 < bn["change"] <= bn["bound"]
+        # per candidate: GN is within C for each; BN's large figures come from the outliers
+        assert set(bn["changes"]) == {"real digit", "digit x100", "digit x-100"}
+        assert all(c <= clip * (1 + 1e-6) for c in gn["changes"].values())
+        assert bn["change"] == max(bn["changes"].values())
+        assert bn["changes"]["real digit"] < 1.1 * clip < bn["changes"]["digit x100"]
 
 
 def test_grad_methods_agree(batch):
@@ -404,5 +535,114 @@ def test_cli_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert "0 (exact)" in out and "exceeds C" in out and "GN DP-SGD" in out
+    assert "EMPIRICAL LOWER BOUND" in out and "real digit" in out and "digit x-100" in out
+    assert "non-private release" in out and "Poisson" in out
+    assert "' ...\"" in out or "...'" in out  # Opacus' message shortened at a word
     assert "convert_batchnorm: []" in out
     assert png.stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- optional deps
+
+
+def _run_hiding(hidden, code, timeout=300):
+    """Run ``code`` in a fresh interpreter where the ``hidden`` modules do not import (as if
+    not installed: None in sys.modules makes ``import`` raise ImportError)."""
+    prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in hidden)
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True,
+                          text=True, timeout=timeout, cwd=os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__))))
+
+
+def test_numpy_per_sample_grads_without_torch():
+    code = (
+        "import numpy as np, dp\n"
+        "from gnnumba import reference\n"
+        "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
+        "rng = np.random.default_rng(0)\n"
+        "x, dy = rng.standard_normal((2, 4, 3, 5)), rng.standard_normal((2, 4, 3, 5))\n"
+        "gw, gb = dp.per_sample_grads(x, dy, 2)\n"
+        "r = reference.backward(dy, x, 2)\n"
+        "np.testing.assert_allclose(gw, r[3], atol=1e-10)\n"
+        "np.testing.assert_allclose(gb, r[4], atol=1e-10)\n"
+        "print('ok')\n")
+    r = _run_hiding(("torch", "opacus"), code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_import_dp_without_opacus_names_the_extra():
+    r = _run_hiding(("opacus",), "import dp\n")
+    assert r.returncode == 1
+    assert "ImportError" in r.stderr and 'pip install "gnnumba[dp]"' in r.stderr
+    assert "gnnumba.per_sample_param_grads" in r.stderr  # the NumPy-only way
+
+
+def test_import_gnnumba_torch_without_torch_names_the_extra():
+    r = _run_hiding(("torch",), "import gnnumba\nimport gnnumba.torch\n")
+    assert r.returncode == 1
+    assert "ImportError" in r.stderr and 'pip install "gnnumba[torch]"' in r.stderr
+
+
+def test_python_m_dp_without_torch_names_the_extra():
+    r = _run_hiding(("torch", "opacus"), "import runpy\nrunpy.run_module('dp', "
+                                         "run_name='__main__')\n")
+    assert r.returncode == 2
+    assert 'pip install "gnnumba[dp]"' in r.stderr
+
+
+# --------------------------------------------------------------------------- fork
+
+
+_FORK_SCRIPT = """
+import multiprocessing as mp, sys
+import numpy as np, torch
+import dp
+torch.manual_seed(0)
+a = torch.randn(512, 512)
+(a @ a).sum()  # an OpenMP-parallel torch op in the parent
+rng = np.random.default_rng(0)
+x = rng.standard_normal((8, 64, 32, 32)).astype(np.float32)  # parallel-kernel sized
+dy = rng.standard_normal(x.shape).astype(np.float32)
+want = dp.per_sample_grads(x, dy, 32)  # and gnnumba's parallel kernels
+
+def child(q):
+    gw, gb = dp.per_sample_grads(x, dy, 32)
+    q.put((gw.tobytes(), gb.tobytes()))
+
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+got = q.get(timeout=240)
+p.join(60)
+assert p.exitcode == 0, p.exitcode
+assert got == (want[0].tobytes(), want[1].tobytes()), "child differs from parent"
+print("ok")
+"""
+
+
+def test_per_sample_grads_in_a_forked_child():
+    # DataLoader workers and DPDDP(start_method="fork"): the child must neither be killed
+    # (OpenMP after fork) nor hang, and must give the parent's bytes
+    r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fallback_without_public_kernel_gives_the_same_numbers(monkeypatch, layout):
+    # dp uses gnnumba.per_sample_param_grads when gnnumba has it, else one backward over
+    # the batch seen as one sample of N*C channels: both must match the reference
+    import gnnumba
+
+    x, dy, w, b = _data((3, 8, 5, 4), np.float64, seed=7)
+    xx, dd = (x, dy) if layout == "nchw" else (_channels_last(x), _channels_last(dy))
+    want = reference.backward(dy, x, 4, w, b, 1e-5, "gelu")[3:5]
+    direct = dp.per_sample_grads(xx, dd, 4, activation="gelu", weight=w, bias=b)
+    monkeypatch.delattr(gnnumba, "per_sample_param_grads", raising=False)
+    fallback = dp.per_sample_grads(xx, dd, 4, activation="gelu", weight=w, bias=b)
+    for got in (direct, fallback):
+        np.testing.assert_allclose(got[0], want[0], atol=1e-10)
+        np.testing.assert_allclose(got[1], want[1], atol=1e-10)
+    with pytest.raises(ValueError, match="divisible by num_groups"):  # names C and G
+        dp.per_sample_grads(xx, dd, 3)

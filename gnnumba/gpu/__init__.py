@@ -2,8 +2,9 @@
 
 ``gnnumba.group_norm*`` dispatch here for CUDA arrays (Numba device arrays, including the
 simulator's, and any ``__cuda_array_interface__`` object); results are Numba device arrays.
-The torch bridge calls the allocation-free ``launch_forward`` / ``launch_backward``
-directly, with torch-allocated outputs on torch's current stream.
+The torch bridge calls the allocation-free ``launch_forward`` / ``launch_backward`` /
+``launch_per_sample_param_grads`` directly, with torch-allocated outputs on torch's current
+stream.
 
 Files: ``kernels.py`` (the kernels, top-down), ``launch.py`` (validation, layouts, launch
 configuration), ``config.py`` (tunables), ``selftest.py`` (``gnnumba check``).
@@ -11,14 +12,15 @@ configuration), ``config.py`` (tunables), ``selftest.py`` (``gnnumba check``).
 
 from __future__ import annotations
 
-import numpy as np
 
 from .. import _checks
 from . import launch
-from .launch import CL, NCHW, DevArray, is_device_array, launch_backward, launch_forward
+from .launch import (CL, NCHW, DevArray, is_device_array, launch_backward, launch_forward,
+                     launch_per_sample_param_grads)
 
 __all__ = ["group_norm_forward", "group_norm_backward", "per_sample_param_grads",
-           "launch_forward", "launch_backward", "is_device_array"]
+           "launch_forward", "launch_backward", "launch_per_sample_param_grads",
+           "is_device_array"]
 
 
 def group_norm_forward(x, G, weight, bias, eps, *, activation=None, out=None):
@@ -50,32 +52,33 @@ def group_norm_forward(x, G, weight, bias, eps, *, activation=None, out=None):
 def group_norm_backward(dy, x, mean, rstd, G, weight, bias, *, activation=None):
     """``(dx, dweight, dbias)`` for CUDA arrays; ``dweight``/``dbias`` are None when the
     matching parameter is None, else in x's dtype. ``dx`` keeps x's layout."""
-    dx, dw, db, _, _ = _backward(dy, x, mean, rstd, G, weight, bias, activation,
-                                 want_params=True)
+    activation = _checks.check_activation(activation)
+    xa = _x_in_fast_layout(x)
+    N, C = xa.shape[:2]
+    dx = launch.empty(xa.shape, xa.dtype, xa.layout)
+    dw = launch.empty((C,), xa.dtype, NCHW) if weight is not None else None
+    db = launch.empty((C,), xa.dtype, NCHW) if bias is not None else None
+    launch_backward(dy, xa.obj, mean, rstd, G, weight, bias, activation, dx, dweight=dw,
+                    dbias=db)
     return dx, dw, db
 
 
 def per_sample_param_grads(dy, x, mean, rstd, G, weight=None, bias=None, *, activation=None):
-    """``(dx, dgamma_n, dbeta_n)`` for CUDA arrays: the backward with the (N, C)
-    per-sample parameter gradients (float32, float64 for float64 x) that the ``dp``
-    add-on clips; dgamma_n = sum(dz * xhat), dbeta_n = sum(dz) over each sample."""
+    """``(dweight_per_sample, dbias_per_sample)`` for CUDA arrays, both (N, C), float32
+    (float64 for float64 x): the gradients of weight and bias for each sample on its own
+    (``sum dz * xhat`` and ``sum dz`` over the sample's positions of each channel). Two
+    launches that read x and dy once; no dx is formed."""
     activation = _checks.check_activation(activation)
-    dx, _, _, dwn, dbn = _backward(dy, x, mean, rstd, G, weight, bias, activation,
-                                   want_params=False)
-    return dx, dwn, dbn
-
-
-def _backward(dy, x, mean, rstd, G, weight, bias, activation, want_params):
-    xa = launch.check_x(x)
+    xa = _x_in_fast_layout(x)
     N, C = xa.shape[:2]
-    G = _checks.check_num_groups(G, C)
-    if xa.layout is None:
-        xa = launch.as_layout(xa, NCHW)
-    acc = np.float64 if xa.dtype == np.float64 else np.float32
-    dx = launch.empty(xa.shape, xa.dtype, xa.layout)
+    acc = _checks.stats_dtype(xa.dtype)
     dwn = launch.empty((N, C), acc, NCHW)
     dbn = launch.empty((N, C), acc, NCHW)
-    dw = launch.empty((C,), xa.dtype, NCHW) if want_params and weight is not None else None
-    db = launch.empty((C,), xa.dtype, NCHW) if want_params and bias is not None else None
-    launch_backward(dy, xa.obj, mean, rstd, G, weight, bias, activation, dx, dwn, dbn, dw, db)
-    return dx, dw, db, dwn, dbn
+    launch_per_sample_param_grads(dy, xa.obj, mean, rstd, G, weight, bias, activation, dwn,
+                                  dbn)
+    return dwn, dbn
+
+
+def _x_in_fast_layout(x):
+    xa = launch.check_x(x)
+    return launch.as_layout(xa, NCHW) if xa.layout is None else xa

@@ -12,10 +12,16 @@ partial result is merged in a fixed order.
 # enough loads in flight to saturate HBM.
 THREADS = 256
 
-# Elements each thread loads per tile in the statistics kernels. The K loads of a tile are
-# independent (memory-level parallelism) and a tile is reduced exactly in two passes from
-# registers before one Chan merge, so the merge's division is paid once per K elements.
+# Elements each thread loads per tile in every streaming kernel (statistics, apply, backward
+# sums, dx): the K loads of a tile are issued before any of them is used or any store is made,
+# so K loads per thread are in flight (memory-level parallelism).
 ITEMS = 4
+
+# The statistics kernels keep shifted sums for FLUSH tiles (FLUSH*ITEMS values per thread)
+# before turning them into a (count, mean, M2) partial with one division and a Chan merge;
+# the next tiles are shifted by the running mean. Larger: fewer divisions; smaller: shorter
+# float32 sums.
+FLUSH = 8
 
 # A group of at most THREADS * FUSED_ITEMS elements (NCHW) is normalised by ONE block that
 # keeps it in registers: x is read once, y written once, one launch ("on-chip" path).
@@ -23,9 +29,12 @@ ITEMS = 4
 # its second read of x mostly hits L2 (50 MB on H100) when the tensor fits.
 FUSED_ITEMS = 16
 
-# Split path: aim for about this many blocks in the statistics / backward-sums grids
-# (about 8 per SM on a 132-SM H100), so that N*G = 64 groups still fill the GPU ...
-TARGET_BLOCKS = 1056
+# Split path: aim for about BLOCKS_PER_SM blocks per streaming multiprocessor in the
+# statistics / backward-sums grids, so that N*G = 64 groups still fill the GPU. The SM count
+# is the device's (MULTIPROCESSOR_COUNT: 108 on an A100, 132 on an H100 SXM); the simulator
+# has none and uses FALLBACK_SM_COUNT.
+BLOCKS_PER_SM = 8
+FALLBACK_SM_COUNT = 4
 
 # ... but never give a block fewer than this many elements (per-block partials and their
 # merge would then cost more than the reads they parallelise).

@@ -1,4 +1,4 @@
-"""GroupNorm forward and backward as Numba ``@cuda.jit`` kernels.
+"""GroupNorm forward, backward and per-sample parameter gradients as Numba CUDA kernels.
 
 Every array the kernels see is a flat 1-D view of a tensor in one of two memory layouts:
 
@@ -8,38 +8,47 @@ Every array the kernels see is a flat 1-D view of a tensor in one of two memory 
 
 Forward (``mean``/``rstd``/``y``):
 
-1. ``fwd_fused_nchw`` -- NCHW groups of at most THREADS*FUSED_ITEMS elements: one block per
-   group keeps the group in registers; exact two-pass mean/M2 with block reductions, then
-   applies. One read of x, one write of y, one launch.
-2. otherwise three kernels:
-   ``fwd_stats_nchw`` / ``fwd_stats_cl`` -- each block reduces a slice of one group (NCHW) or
-   a channel tile x spatial chunk (channels-last, so loads stay coalesced along C) into
-   (count, mean, M2) partials; ``fwd_finalize`` -- one block per group merges its partials
-   with Chan's formula in a fixed order; ``fwd_apply_nchw`` / ``fwd_apply_cl`` -- y.
+* ``fwd_fused_nchw`` -- NCHW groups of at most THREADS*FUSED_ITEMS elements: one block per
+  group keeps the group in registers (exact two-pass mean/M2), then applies. One read of x,
+  one write of y, one launch.
+* otherwise ``fwd_stats_nchw`` / ``fwd_stats_cl`` (partial (count, mean, M2) per block) ->
+  ``fwd_finalize`` (one block per group merges its partials in a fixed order) ->
+  ``fwd_apply_nchw`` / ``fwd_apply_cl`` (y).
 
-Backward (``dx``, per-sample ``dweight_n = sum dz*xhat`` and ``dbias_n = sum dz``, then
-``dweight``/``dbias``):
+Backward and per-sample parameter gradients share their sums (x and dy read once for them):
 
 1. ``bwd_sums_nchw`` / ``bwd_sums_cl`` -- per (n, c) and spatial chunk, partial sums of dz and
-   dz*(x - mean), where dz = dy, or dy*silu'(z) with z recomputed from x, mean, rstd, weight
-   and bias.
-2. ``bwd_finalize`` -- one block per group: sums the chunks of each channel in order, writes
-   the per-sample parameter gradients and the two per-group coefficients of
-   ``dx = rstd*w*dz + k1*(x - mean) + k0``.
-3. ``bwd_dx_nchw`` / ``bwd_dx_cl`` -- dx.  4. ``bwd_params`` -- dweight/dbias = sums over n.
+   dz*(x - mean), with dz = dy * act'(z) and z recomputed from x, mean, rstd, weight, bias.
+2. ``bwd_finalize`` -- one block per group: ``dbias_per_sample = sum dz`` and
+   ``dweight_per_sample = rstd * sum dz*(x - mean)`` per channel, and the two per-group
+   coefficients of ``dx = rstd*w*dz + k1*(x - mean) + k0``.
+   ``per_sample_param_grads`` stops here: two launches.
+3. ``bwd_dx_nchw`` / ``bwd_dx_cl`` -- dx; its first blocks also sum the per-sample
+   gradients over n into dweight/dbias (in order of n: the deterministic replacement for
+   atomics). The backward is three launches.
+
+Statistics: each thread accumulates shifted sums ``sum (x - k)`` and ``sum (x - k)^2`` (k:
+the thread's first value, then its running mean) over FLUSH tiles of ITEMS values, and turns
+them into a (count, mean, M2) partial merged with Chan's formula: one division per
+FLUSH*ITEMS elements, none per element; exact (M2 = 0) for constant groups, and the offset
+of the data never enters a square. Threads, blocks and partials are merged with Chan's
+formula in a fixed order.
+
+Tiles: each thread loads its ITEMS values of a tile into registers before it computes or
+stores anything, so ITEMS loads are in flight per thread (the compiler may not move a load
+above a store that could alias it).
 
 Determinism: no atomics. Every reduction is a per-thread loop in index order followed by a
-shared-memory tree of fixed shape, and partials are merged in index order, so a launch with
-the same configuration gives bit-identical results.
+shared-memory tree of fixed shape, and partials are merged in index order, so the same
+launch configuration gives bit-identical results.
 
-Precision: ``acc`` is float32 for float16/float32 input and float64 for float64 input; all
-statistics and sums are formed in ``acc`` and converted to the output dtype on store.
-Within a thread, K values are reduced exactly in two passes before one Chan merge, so the
-variance never comes from E[x^2] - E[x]^2.
+Precision: ``acc`` is float32 for float16/bfloat16/float32 input and float64 for float64 input; all
+statistics and sums are formed in ``acc`` and converted to the output's dtype on store
+(dweight/dbias of half input may be float32 outputs: they are never rounded to half on the
+way).
 
-Kernels are built by ``build(threads, items, fused_items, acc, silu)`` because shared and
-local array sizes, the accumulation type and the activation are compile-time constants;
-``numba.cuda.jit`` then specialises each kernel lazily on the array dtypes.
+Activations come from ``gnnumba.activations`` (the one table), compiled here as inlined
+device functions; the activation code is a compile-time constant of ``build``.
 """
 
 from __future__ import annotations
@@ -49,42 +58,68 @@ import math
 from types import SimpleNamespace
 
 import numba
+import numpy as np
 from numba import cuda
+
+from .. import activations
 
 # Device helpers are inlined at Numba-IR level (inline="always"), before typing: a device
 # function typed as a separate dispatcher asks the driver for the current device's compute
 # capability, which would stop ``compile_ptx`` from working on a machine without a GPU.
 _device = cuda.jit(device=True, inline="always")
 
+# Indices of the streamed arrays are cast to unsigned: Numba then skips the negative-index
+# wraparound (5 integer instructions per access in the SASS of every hot loop). The cast is
+# free (same bits) and the indices are never negative.
+U = numba.uint64
+_act_forward = _device(activations.forward)
+_act_derivative = _device(activations.derivative)
+
 
 @functools.lru_cache(maxsize=None)
-def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool):
-    """The kernels for one launch configuration (see the module docstring)."""
+def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str, act: int):
+    """The kernels for one configuration (see the module docstring). ``act`` is an
+    ``activations`` code."""
     T = threads
     K = items
     KF = fused_items
+    F = flush
     acc = numba.float32 if acc_name == "float32" else numba.float64
-    SILU = silu
+    ACT = act
 
     # ------------------------------------------------------------------ device helpers
 
     @_device
     def merge(na, ma, qa, nb, mb, qb):
-        """Chan et al.'s merge of (count, mean, M2) partials (order matters: callers merge
-        in a fixed order)."""
+        """Chan et al.'s merge of (count, mean, M2) partials, counts as floats (order
+        matters: callers merge in a fixed order). Equal means give M2 = qa + qb exactly."""
         if nb == 0:
             return na, ma, qa
         if na == 0:
             return nb, mb, qb
         n = na + nb
         d = mb - ma
-        f = acc(nb) / acc(n)
-        return n, ma + d * f, qa + qb + d * d * acc(na) * f
+        f = nb / n
+        return n, ma + d * f, qa + qb + d * d * na * f
+
+    @_device
+    def flush_shifted(cnt, mu, m2, k, nf, s1, s2):
+        """Merge the shifted sums (nf values: s1 = sum(x - k), s2 = sum((x - k)^2)) into the
+        running (cnt, mu, m2)."""
+        if nf == 0:
+            return cnt, mu, m2
+        n = acc(nf)
+        d = s1 / n
+        q = s2 - s1 * d
+        if q < 0:  # rounding can make a tiny variance negative
+            q = acc(0)
+        return merge(cnt, mu, m2, n, k + d, q)
 
     @_device
     def block_merge(tid, nthreads, cnt, mu, m2, s_n, s_m, s_q):
-        """Merge one (count, mean, M2) per thread over the block; fixed tree; result in
-        slot 0 (read after the final syncthreads by every thread)."""
+        """Merge one (count, mean, M2) per thread over the block; fixed tree; the result is
+        returned to every thread."""
+        cuda.syncthreads()  # the shared arrays may still be read from a previous call
         s_n[tid] = cnt
         s_m[tid] = mu
         s_q[tid] = m2
@@ -104,7 +139,7 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
     @_device
     def block_sum2(tid, nthreads, a, b, s_a, s_b):
         """Sums of a and b over the block (fixed tree), returned to every thread."""
-        cuda.syncthreads()  # s_a/s_b may still be read from a previous call
+        cuda.syncthreads()
         s_a[tid] = a
         s_b[tid] = b
         cuda.syncthreads()
@@ -118,28 +153,10 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         return s_a[0], s_b[0]
 
     @_device
-    def tile_merge(v, nloc, cnt, mu, m2):
-        """Two-pass (mean, M2) of the nloc values in v[:nloc], merged into a running
-        (cnt, mu, m2)."""
-        if nloc == 0:
-            return cnt, mu, m2
-        s = acc(0)
-        for j in range(K):
-            if j < nloc:
-                s += v[j]
-        m = s / acc(nloc)
-        q = acc(0)
-        for j in range(K):
-            if j < nloc:
-                d = v[j] - m
-                q += d * d
-        return merge(cnt, mu, m2, nloc, m, q)
-
-    @_device
-    def scale_shift(r, w, b, has_w, has_b, c):
-        """y = (x - mean)*a + sh is gamma*(x - mean)*rstd + beta for channel c. The mean stays
-        subtracted: the folded x*a + (beta - mean*a) cancels catastrophically when |mean|*rstd
-        is large (a near-constant group with an offset)."""
+    def coefficients(r, w, b, has_w, has_b, c):
+        """y = act((x - mean)*a + sh) with a = gamma*rstd, sh = beta for channel c. The mean
+        stays subtracted: the folded x*a + (beta - mean*a) cancels catastrophically when
+        |mean|*rstd is large (a near-constant group with an offset)."""
         a = r
         if has_w:
             a = r * acc(w[c])
@@ -150,17 +167,14 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
 
     @_device
     def activate(z):
-        if SILU:
-            return z / (acc(1) + math.exp(-z))
-        return z
+        return _act_forward(ACT, z, acc(1))
 
     @_device
     def grad_pre(dy, z):
         """d loss / d z from d loss / d y."""
-        if SILU:
-            sg = acc(1) / (acc(1) + math.exp(-z))
-            return dy * (sg * (acc(1) + z * (acc(1) - sg)))
-        return dy
+        if ACT == 0:
+            return dy
+        return dy * _act_derivative(ACT, z, acc(1))
 
     # ------------------------------------------------------------------ forward
 
@@ -173,13 +187,12 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         tid = cuda.threadIdx.x
         ng = cuda.blockIdx.x
         base = ng * D
+        for j in range(KF):  # all loads first
+            i = j * T + tid
+            v[j] = acc(x[U(base + i)]) if i < D else acc(0)
         s = acc(0)
         for j in range(KF):
-            i = j * T + tid
-            v[j] = acc(0)
-            if i < D:
-                v[j] = acc(x[base + i])
-                s += v[j]
+            s += v[j]
         tot, _ = block_sum2(tid, T, s, acc(0), s_a, s_b)
         mu = tot / acc(D)
         q = acc(0)
@@ -200,8 +213,8 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         ds = T % S
         for j in range(KF):
             if j * T + tid < D:
-                a, sh = scale_shift(r, w, b, has_w, has_b, c)
-                y[base + j * T + tid] = activate((v[j] - mu) * a + sh)
+                a, sh = coefficients(r, w, b, has_w, has_b, c)
+                y[U(base + j * T + tid)] = activate((v[j] - mu) * a + sh)
             so += ds
             c += dc
             if so >= S:
@@ -209,44 +222,68 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
                 c += 1
 
     @cuda.jit
-    def fwd_stats_nchw(x, D, chunk, nchunks, pc, pm, pq):
+    def fwd_stats_nchw(x, D, chunk, nchunks, part):
         """grid (N*G*nchunks,), block (T,). Partial (count, mean, M2) of elements
-        [k*chunk, (k+1)*chunk) of group ng, written to partial slot (ng, k)."""
-        s_n = cuda.shared.array(T, numba.int64)
+        [k*chunk, (k+1)*chunk) of group ng, written to part[ng, k, :]. Values are taken
+        relative to the group's first element kg: the partials' means are then small
+        numbers whose float32 rounding is relative to the spread of the data, not to its
+        offset (fwd_finalize adds kg back once)."""
+        s_n = cuda.shared.array(T, acc)
         s_m = cuda.shared.array(T, acc)
         s_q = cuda.shared.array(T, acc)
         v = cuda.local.array(K, acc)
         tid = cuda.threadIdx.x
         bid = cuda.blockIdx.x
         ng = bid // nchunks
-        k = bid - ng * nchunks
-        lo = k * chunk
-        hi = min(lo + chunk, D)
-        base = ng * D
-        cnt = 0
+        kk = bid - ng * nchunks
+        kg = acc(x[ng * D])
+        s0 = ng * D + kk * chunk
+        m = min(chunk, D - kk * chunk)
+        xb = x[s0:s0 + m]
+        cnt = acc(0)
         mu = acc(0)
         m2 = acc(0)
-        for t0 in range(lo, hi, T * K):
-            nloc = 0
-            for j in range(K):  # coalesced: for each j, the block reads T consecutive values
-                i = t0 + j * T + tid
-                if i < hi:  # the valid j form a prefix, so v[:nloc] is filled
-                    v[j] = acc(x[base + i])
-                    nloc += 1
-            cnt, mu, m2 = tile_merge(v, nloc, cnt, mu, m2)
+        k = acc(0)  # the thread's shift (relative to kg): 0, then its running mean
+        full = m - m % (T * K)
+        for r0 in range(0, full, T * K * F):  # F whole tiles per flush, no bounds checks
+            s1 = acc(0)
+            s2 = acc(0)
+            nf = 0
+            for t0 in range(r0 + tid, min(r0 + T * K * F, full), T * K):
+                for j in range(K):  # K independent loads; coalesced across the block
+                    v[j] = acc(xb[U(t0 + j * T)])
+                for j in range(K):
+                    d = v[j] - kg - k
+                    s1 += d
+                    s2 += d * d
+                nf += K
+            cnt, mu, m2 = flush_shifted(cnt, mu, m2, k, nf, s1, s2)
+            k = mu
+        s1 = acc(0)
+        s2 = acc(0)
+        nf = 0
+        for i in range(full + tid, m, T):  # the tail: fewer than K values per thread
+            d = acc(xb[U(i)]) - kg - k
+            s1 += d
+            s2 += d * d
+            nf += 1
+        cnt, mu, m2 = flush_shifted(cnt, mu, m2, k, nf, s1, s2)
         cnt, mu, m2 = block_merge(tid, T, cnt, mu, m2, s_n, s_m, s_q)
         if tid == 0:
-            pc[ng, k] = cnt
-            pm[ng, k] = mu
-            pq[ng, k] = m2
+            o = (ng * nchunks + kk) * 3
+            part[o] = cnt
+            part[o + 1] = mu
+            part[o + 2] = m2
 
     @cuda.jit
-    def fwd_stats_cl(x, S, C, G, spos, nsb, pc, pm, pq):
+    def fwd_stats_cl(x, S, C, G, spos, nsb, tpg, part):
         """grid (N*nsb, ceil(C/TC)), block (TC, TS). Thread column tx owns channel c of the
-        tile and walks spatial positions [k*spos, (k+1)*spos) with stride TS (loads are
-        coalesced along C). Writes the partial of channel c over chunk k to slot
-        (n*G + g, k*Cg + c - g*Cg)."""
-        s_n = cuda.shared.array(T, numba.int64)
+        tile and walks spatial positions [kk*spos, (kk+1)*spos) with stride TS (loads are
+        coalesced along C), relative to its group's first element as in fwd_stats_nchw;
+        columns are merged down the TS rows, then the channels of each group within the
+        tile, in order. Partial of group (n, g) for this chunk and tile goes to slot
+        kk*tpg + (tile - first tile of g)."""
+        s_n = cuda.shared.array(T, acc)
         s_m = cuda.shared.array(T, acc)
         s_q = cuda.shared.array(T, acc)
         v = cuda.local.array(K, acc)
@@ -256,23 +293,46 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
         TS = cuda.blockDim.y
         bx = cuda.blockIdx.x
         n = bx // nsb
-        k = bx - n * nsb
-        c = cuda.blockIdx.y * TC + tx
-        s0 = k * spos
-        s1 = min(s0 + spos, S)
-        cnt = 0
+        kk = bx - n * nsb
+        tile = cuda.blockIdx.y
+        c = tile * TC + tx
+        Cg = C // G
+        cnt = acc(0)
         mu = acc(0)
         m2 = acc(0)
         if c < C:
-            base = n * S * C + c
-            for t0 in range(s0 + ty, s1, TS * K):
-                nloc = 0
-                for j in range(K):
-                    s = t0 + j * TS
-                    if s < s1:
-                        v[j] = acc(x[base + s * C])
-                        nloc += 1
-                cnt, mu, m2 = tile_merge(v, nloc, cnt, mu, m2)
+            kg = acc(x[n * S * C + (c // Cg) * Cg])
+            m = min(spos, S - kk * spos)
+            o0 = (n * S + kk * spos) * C + c
+            xb = x[o0:o0 + (m - 1) * C + 1]
+            step = TS * C
+            full = m - m % (TS * K)
+            k = acc(0)
+            o = ty * C
+            for r0 in range(0, full, TS * K * F):
+                s1 = acc(0)
+                s2 = acc(0)
+                nf = 0
+                for _ in range(r0 + ty, min(r0 + TS * K * F, full), TS * K):
+                    for j in range(K):
+                        v[j] = acc(xb[U(o + j * step)])
+                    for j in range(K):
+                        d = v[j] - kg - k
+                        s1 += d
+                        s2 += d * d
+                    nf += K
+                    o += K * step
+                cnt, mu, m2 = flush_shifted(cnt, mu, m2, k, nf, s1, s2)
+                k = mu
+            s1 = acc(0)
+            s2 = acc(0)
+            nf = 0
+            for s in range(full + ty, m, TS):
+                d = acc(xb[U(s * C)]) - kg - k
+                s1 += d
+                s2 += d * d
+                nf += 1
+            cnt, mu, m2 = flush_shifted(cnt, mu, m2, k, nf, s1, s2)
         # merge down the TS rows of each column: slot ty*TC + tx, tree over ty
         s_n[ty * TC + tx] = cnt
         s_m[ty * TC + tx] = mu
@@ -290,68 +350,107 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
             cuda.syncthreads()
             stride //= 2
         if ty == 0 and c < C:
-            Cg = C // G
             g = c // Cg
-            slot = k * Cg + c - g * Cg
-            pc[n * G + g, slot] = s_n[tx]
-            pm[n * G + g, slot] = s_m[tx]
-            pq[n * G + g, slot] = s_q[tx]
+            if tx == 0 or c == g * Cg:  # first channel of group g in this tile
+                pn = s_n[tx]
+                pm = s_m[tx]
+                pq = s_q[tx]
+                j = tx + 1
+                while j < TC and tile * TC + j < min(C, (g + 1) * Cg):
+                    pn, pm, pq = merge(pn, pm, pq, s_n[j], s_m[j], s_q[j])
+                    j += 1
+                o = ((n * G + g) * nsb * tpg + kk * tpg + tile - (g * Cg) // TC) * 3
+                part[o] = pn
+                part[o + 1] = pm
+                part[o + 2] = pq
 
     @cuda.jit
-    def fwd_finalize(pc, pm, pq, eps, mean, rstd):
-        """grid (N*G,), block (T,). Merges the L partials of group ng in a fixed order."""
-        s_n = cuda.shared.array(T, numba.int64)
+    def fwd_finalize(part, x, stride_n, nsb, tpg, G, Cg, TC, eps, mean, rstd):
+        """grid (N*G,), block (T,). Merges the partials of group ng in a fixed order: slot
+        kk*tpg + j of chunk kk and the j-th channel tile the group spans (NCHW: tpg = 1,
+        Cg = TC = 1, one partial per chunk), and adds back the shift, the group's first
+        element x[n*stride_n + g*Cg*stride_g] (NCHW: stride_n = G*D, Cg*stride_g = D; CL:
+        stride_n = S*C, stride_g = 1)."""
+        s_n = cuda.shared.array(T, acc)
         s_m = cuda.shared.array(T, acc)
         s_q = cuda.shared.array(T, acc)
         tid = cuda.threadIdx.x
         ng = cuda.blockIdx.x
-        L = pc.shape[1]
-        cnt = 0
+        g = ng % G
+        span = ((g + 1) * Cg - 1) // TC - (g * Cg) // TC + 1
+        cnt = acc(0)
         mu = acc(0)
         m2 = acc(0)
-        for i in range(tid, L, T):
-            cnt, mu, m2 = merge(cnt, mu, m2, pc[ng, i], pm[ng, i], pq[ng, i])
+        for i in range(tid, nsb * span, T):
+            kk = i // span
+            o = (ng * nsb * tpg + kk * tpg + i - kk * span) * 3
+            cnt, mu, m2 = merge(cnt, mu, m2, part[o], part[o + 1], part[o + 2])
         cnt, mu, m2 = block_merge(tid, T, cnt, mu, m2, s_n, s_m, s_q)
         if tid == 0:
-            mean[ng] = mu
-            rstd[ng] = acc(1) / math.sqrt(m2 / acc(cnt) + eps)
+            mean[ng] = acc(x[(ng // G) * stride_n + g * Cg]) + mu
+            rstd[ng] = acc(1) / math.sqrt(m2 / cnt + eps)
 
     @cuda.jit
     def fwd_apply_nchw(x, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, y):
-        """grid (N*C, ceil(S/colchunk)), block (<= T,). One (n, c) row slice per block."""
+        """grid (N*C, ceil(S/colchunk)), block (<= T,). One (n, c) row slice per block:
+        whole tiles of K values per thread (loads first, no bounds checks), then the tail."""
+        v = cuda.local.array(K, acc)
         row = cuda.blockIdx.x
         n = row // C
         c = row - n * C
         ng = n * G + c // (C // G)
         mu = acc(mean[ng])
-        a, sh = scale_shift(acc(rstd[ng]), w, b, has_w, has_b, c)
-        s0 = cuda.blockIdx.y * colchunk
-        s1 = min(s0 + colchunk, S)
-        base = row * S
-        for s in range(s0 + cuda.threadIdx.x, s1, cuda.blockDim.x):
-            y[base + s] = activate((acc(x[base + s]) - mu) * a + sh)
+        a, sh = coefficients(acc(rstd[ng]), w, b, has_w, has_b, c)
+        s0 = row * S + cuda.blockIdx.y * colchunk
+        m = min(colchunk, S - cuda.blockIdx.y * colchunk)
+        xb = x[s0:s0 + m]  # the block's run: indices below are block-relative
+        yb = y[s0:s0 + m]
+        nt = cuda.blockDim.x
+        tid = cuda.threadIdx.x
+        full = m - m % (nt * K)
+        for t0 in range(tid, full, nt * K):
+            for j in range(K):
+                v[j] = acc(xb[U(t0 + j * nt)])
+            for j in range(K):
+                yb[U(t0 + j * nt)] = activate((v[j] - mu) * a + sh)
+        for i in range(full + tid, m, nt):
+            yb[U(i)] = activate((acc(xb[U(i)]) - mu) * a + sh)
 
     @cuda.jit
     def fwd_apply_cl(x, S, C, G, spos, nsb, mean, rstd, w, b, has_w, has_b, y):
-        """grid (N*nsb, ceil(C/TC)), block (TC, TS). Thread owns one channel."""
+        """grid (N*nsb, ceil(C/TC)), block (TC, TS). Thread owns one channel; whole tiles
+        of K positions (stride TS), then the tail."""
+        v = cuda.local.array(K, acc)
         TC = cuda.blockDim.x
+        TS = cuda.blockDim.y
         bx = cuda.blockIdx.x
         n = bx // nsb
-        k = bx - n * nsb
+        kk = bx - n * nsb
         c = cuda.blockIdx.y * TC + cuda.threadIdx.x
         if c < C:
             ng = n * G + c // (C // G)
             mu = acc(mean[ng])
-            a, sh = scale_shift(acc(rstd[ng]), w, b, has_w, has_b, c)
-            s0 = k * spos
-            s1 = min(s0 + spos, S)
-            base = n * S * C + c
-            for s in range(s0 + cuda.threadIdx.y, s1, cuda.blockDim.y):
-                y[base + s * C] = activate((acc(x[base + s * C]) - mu) * a + sh)
+            a, sh = coefficients(acc(rstd[ng]), w, b, has_w, has_b, c)
+            m = min(spos, S - kk * spos)  # positions of this block
+            o0 = (n * S + kk * spos) * C + c
+            xb = x[o0:o0 + (m - 1) * C + 1]  # position s of the channel at s*C
+            yb = y[o0:o0 + (m - 1) * C + 1]
+            step = TS * C
+            full = m - m % (TS * K)
+            o = cuda.threadIdx.y * C
+            for _ in range(cuda.threadIdx.y, full, TS * K):
+                for j in range(K):
+                    v[j] = acc(xb[U(o + j * step)])
+                for j in range(K):
+                    yb[U(o + j * step)] = activate((v[j] - mu) * a + sh)
+                o += K * step
+            for s in range(full + cuda.threadIdx.y, m, TS):
+                yb[U(s * C)] = activate((acc(xb[U(s * C)]) - mu) * a + sh)
 
     @cuda.jit
     def fill_stats(mean, rstd, rstd_value):
-        """Statistics of empty groups (no elements): mean 0 and the given rstd (NaN)."""
+        """Statistics of empty groups (no elements): mean 0 and the given rstd (NaN); also
+        zero per-sample gradients (rstd_value 0)."""
         i = cuda.grid(1)
         if i < mean.shape[0]:
             mean[i] = 0
@@ -360,63 +459,93 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
     # ------------------------------------------------------------------ backward
 
     @cuda.jit
-    def bwd_sums_nchw(dy, x, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, p1, p2):
-        """grid (N*C, ncol), block (<= T,). p1[row, k] = sum dz, p2[row, k] = sum dz*(x-mean)
-        over columns [k*colchunk, (k+1)*colchunk) of row (n, c)."""
+    def bwd_sums_nchw(dy, x, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, p):
+        """grid (N*C, ncol), block (<= T,). p[row, k, 0] = sum dz, p[row, k, 1] =
+        sum dz*(x - mean) over columns [k*colchunk, (k+1)*colchunk) of row (n, c)."""
         s_a = cuda.shared.array(T, acc)
         s_b = cuda.shared.array(T, acc)
+        vx = cuda.local.array(K, acc)
+        vd = cuda.local.array(K, acc)
         tid = cuda.threadIdx.x
         row = cuda.blockIdx.x
-        k = cuda.blockIdx.y
+        kk = cuda.blockIdx.y
         n = row // C
         c = row - n * C
         ng = n * G + c // (C // G)
         mu = acc(mean[ng])
-        a, sh = scale_shift(acc(rstd[ng]), w, b, has_w, has_b, c)
-        s0 = k * colchunk
-        s1 = min(s0 + colchunk, S)
-        base = row * S
+        a, sh = coefficients(acc(rstd[ng]), w, b, has_w, has_b, c)
+        s0 = row * S + kk * colchunk
+        m = min(colchunk, S - kk * colchunk)
+        xb = x[s0:s0 + m]
+        db = dy[s0:s0 + m]
         t1 = acc(0)
         t2 = acc(0)
         nt = cuda.blockDim.x  # a power of two <= T; short rows get small blocks
-        for s in range(s0 + tid, s1, nt):
-            xv = acc(x[base + s])
-            dz = grad_pre(acc(dy[base + s]), (xv - mu) * a + sh)
+        full = m - m % (nt * K)
+        for t0 in range(tid, full, nt * K):
+            for j in range(K):  # 2K independent loads
+                vx[j] = acc(xb[U(t0 + j * nt)])
+                vd[j] = acc(db[U(t0 + j * nt)])
+            for j in range(K):
+                xc = vx[j] - mu
+                dz = grad_pre(vd[j], xc * a + sh)
+                t1 += dz
+                t2 += dz * xc
+        for i in range(full + tid, m, nt):
+            xc = acc(xb[U(i)]) - mu
+            dz = grad_pre(acc(db[U(i)]), xc * a + sh)
             t1 += dz
-            t2 += dz * (xv - mu)
+            t2 += dz * xc
         t1, t2 = block_sum2(tid, nt, t1, t2, s_a, s_b)
         if tid == 0:
-            p1[row, k] = t1
-            p2[row, k] = t2
+            o = (row * cuda.gridDim.y + kk) * 2
+            p[o] = t1
+            p[o + 1] = t2
 
     @cuda.jit
-    def bwd_sums_cl(dy, x, S, C, G, spos, nsb, mean, rstd, w, b, has_w, has_b, p1, p2):
+    def bwd_sums_cl(dy, x, S, C, G, spos, nsb, mean, rstd, w, b, has_w, has_b, p):
         """grid (N*nsb, ceil(C/TC)), block (TC, TS): as bwd_sums_nchw, for channels-last;
-        the TS rows of a column are summed with a fixed tree."""
+        the TS rows of a column are summed with a fixed tree. Slot (n*C + c, kk)."""
         s_a = cuda.shared.array(T, acc)
         s_b = cuda.shared.array(T, acc)
+        vx = cuda.local.array(K, acc)
+        vd = cuda.local.array(K, acc)
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         TC = cuda.blockDim.x
         TS = cuda.blockDim.y
         bx = cuda.blockIdx.x
         n = bx // nsb
-        k = bx - n * nsb
+        kk = bx - n * nsb
         c = cuda.blockIdx.y * TC + tx
         t1 = acc(0)
         t2 = acc(0)
         if c < C:
             ng = n * G + c // (C // G)
             mu = acc(mean[ng])
-            a, sh = scale_shift(acc(rstd[ng]), w, b, has_w, has_b, c)
-            s0 = k * spos
-            s1 = min(s0 + spos, S)
-            base = n * S * C + c
-            for s in range(s0 + ty, s1, TS):
-                xv = acc(x[base + s * C])
-                dz = grad_pre(acc(dy[base + s * C]), (xv - mu) * a + sh)
+            a, sh = coefficients(acc(rstd[ng]), w, b, has_w, has_b, c)
+            m = min(spos, S - kk * spos)
+            o0 = (n * S + kk * spos) * C + c
+            xb = x[o0:o0 + (m - 1) * C + 1]
+            db = dy[o0:o0 + (m - 1) * C + 1]
+            step = TS * C
+            full = m - m % (TS * K)
+            o = ty * C
+            for _ in range(ty, full, TS * K):
+                for j in range(K):
+                    vx[j] = acc(xb[U(o + j * step)])
+                    vd[j] = acc(db[U(o + j * step)])
+                for j in range(K):
+                    xc = vx[j] - mu
+                    dz = grad_pre(vd[j], xc * a + sh)
+                    t1 += dz
+                    t2 += dz * xc
+                o += K * step
+            for s in range(full + ty, m, TS):
+                xc = acc(xb[U(s * C)]) - mu
+                dz = grad_pre(acc(db[U(s * C)]), xc * a + sh)
                 t1 += dz
-                t2 += dz * (xv - mu)
+                t2 += dz * xc
         s_a[ty * TC + tx] = t1
         s_b[ty * TC + tx] = t2
         cuda.syncthreads()
@@ -428,13 +557,15 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
             cuda.syncthreads()
             stride //= 2
         if ty == 0 and c < C:
-            p1[n * C + c, k] = s_a[tx]
-            p2[n * C + c, k] = s_b[tx]
+            o = ((n * C + c) * nsb + kk) * 2
+            p[o] = s_a[tx]
+            p[o + 1] = s_b[tx]
 
     @cuda.jit
-    def bwd_finalize(p1, p2, C, G, S, rstd, w, has_w, dweight_n, dbias_n, k1, k0):
-        """grid (N*G,), block (T,). Per channel c of group ng: dbias_n = sum_k p1,
-        dweight_n = rstd * sum_k p2 (chunks in order); per group: k1, k0."""
+    def bwd_finalize(p, ncol, C, G, S, rstd, w, has_w, dweight_n, dbias_n, coef):
+        """grid (N*G,), block (T,). Per channel c of group ng: dbias_per_sample = sum_k p0,
+        dweight_per_sample = rstd * sum_k p1 (chunks in order); per group: the dx
+        coefficients k1 = coef[2*ng], k0 = coef[2*ng + 1]."""
         s_a = cuda.shared.array(T, acc)
         s_b = cuda.shared.array(T, acc)
         tid = cuda.threadIdx.x
@@ -450,9 +581,9 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
             row = n * C + c
             t1 = acc(0)
             t2 = acc(0)
-            for k in range(p1.shape[1]):
-                t1 += p1[row, k]
-                t2 += p2[row, k]
+            for kk in range(ncol):
+                t1 += p[(row * ncol + kk) * 2]
+                t2 += p[(row * ncol + kk) * 2 + 1]
             t2 *= r
             dbias_n[row] = t1
             dweight_n[row] = t2
@@ -461,61 +592,18 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
             B += wc * t2
         A, B = block_sum2(tid, T, A, B, s_a, s_b)
         if tid == 0:
-            M = acc(Cg * S)
-            k1[ng] = -r * r * B / M
-            k0[ng] = -r * A / M
+            M = acc(Cg) * acc(S)
+            coef[2 * ng] = -r * r * B / M
+            coef[2 * ng + 1] = -r * A / M
 
-    @cuda.jit
-    def bwd_dx_nchw(dy, x, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, k1, k0, dx):
-        """grid (N*C, ncol), block (<= T,). dx = rstd*w*dz + k1*(x - mean) + k0."""
-        row = cuda.blockIdx.x
-        n = row // C
-        c = row - n * C
-        ng = n * G + c // (C // G)
-        mu = acc(mean[ng])
-        r = acc(rstd[ng])
-        a, sh = scale_shift(r, w, b, has_w, has_b, c)
-        rw = r * acc(w[c]) if has_w else r
-        q1 = k1[ng]
-        q0 = k0[ng]
-        s0 = cuda.blockIdx.y * colchunk
-        s1 = min(s0 + colchunk, S)
-        base = row * S
-        for s in range(s0 + cuda.threadIdx.x, s1, cuda.blockDim.x):
-            xv = acc(x[base + s])
-            dz = grad_pre(acc(dy[base + s]), (xv - mu) * a + sh)
-            dx[base + s] = rw * dz + q1 * (xv - mu) + q0
-
-    @cuda.jit
-    def bwd_dx_cl(dy, x, S, C, G, spos, nsb, mean, rstd, w, b, has_w, has_b, k1, k0, dx):
-        """grid (N*nsb, ceil(C/TC)), block (TC, TS). As bwd_dx_nchw, channels-last."""
-        TC = cuda.blockDim.x
-        bx = cuda.blockIdx.x
-        n = bx // nsb
-        k = bx - n * nsb
-        c = cuda.blockIdx.y * TC + cuda.threadIdx.x
-        if c < C:
-            ng = n * G + c // (C // G)
-            mu = acc(mean[ng])
-            r = acc(rstd[ng])
-            a, sh = scale_shift(r, w, b, has_w, has_b, c)
-            rw = r * acc(w[c]) if has_w else r
-            q1 = k1[ng]
-            q0 = k0[ng]
-            s0 = k * spos
-            s1 = min(s0 + spos, S)
-            base = n * S * C + c
-            for s in range(s0 + cuda.threadIdx.y, s1, cuda.blockDim.y):
-                xv = acc(x[base + s * C])
-                dz = grad_pre(acc(dy[base + s * C]), (xv - mu) * a + sh)
-                dx[base + s * C] = rw * dz + q1 * (xv - mu) + q0
-
-    @cuda.jit
-    def bwd_params(dweight_n, dbias_n, N, C, dweight, dbias, want_w, want_b):
-        """grid (ceil(C/T),), block (T,). dweight[c] = sum_n dweight_n[n, c] in order of n
-        (and dbias likewise): the deterministic replacement for atomics."""
-        c = cuda.grid(1)
-        if c < C:
+    @_device
+    def param_sums(N, C, dweight_n, dbias_n, dweight, dbias, want_w, want_b):
+        """The first ceil(C / block size) blocks of a dx grid: dweight[c] = sum_n
+        dweight_per_sample[n, c] in order of n (dbias likewise): no atomics."""
+        nthreads = cuda.blockDim.x * cuda.blockDim.y
+        lb = cuda.blockIdx.x + cuda.blockIdx.y * cuda.gridDim.x
+        c = lb * nthreads + cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+        if (want_w or want_b) and c < C:
             t1 = acc(0)
             t2 = acc(0)
             for n in range(N):
@@ -525,6 +613,89 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
                 dweight[c] = t1
             if want_b:
                 dbias[c] = t2
+
+    @cuda.jit
+    def bwd_dx_nchw(dy, x, N, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, coef, dx,
+                    dweight_n, dbias_n, dweight, dbias, want_w, want_b):
+        """grid (N*C, ncol), block (<= T,). dx = rstd*w*dz + k1*(x - mean) + k0, and
+        dweight/dbias (``param_sums``)."""
+        param_sums(N, C, dweight_n, dbias_n, dweight, dbias, want_w, want_b)
+        vx = cuda.local.array(K, acc)
+        vd = cuda.local.array(K, acc)
+        row = cuda.blockIdx.x
+        n = row // C
+        c = row - n * C
+        ng = n * G + c // (C // G)
+        mu = acc(mean[ng])
+        r = acc(rstd[ng])
+        a, sh = coefficients(r, w, b, has_w, has_b, c)
+        rw = r * acc(w[c]) if has_w else r
+        q1 = coef[2 * ng]
+        q0 = coef[2 * ng + 1]
+        s0 = row * S + cuda.blockIdx.y * colchunk
+        m = min(colchunk, S - cuda.blockIdx.y * colchunk)
+        xb = x[s0:s0 + m]
+        db = dy[s0:s0 + m]
+        ob = dx[s0:s0 + m]
+        nt = cuda.blockDim.x
+        tid = cuda.threadIdx.x
+        full = m - m % (nt * K)
+        for t0 in range(tid, full, nt * K):
+            for j in range(K):
+                vx[j] = acc(xb[U(t0 + j * nt)])
+                vd[j] = acc(db[U(t0 + j * nt)])
+            for j in range(K):
+                xc = vx[j] - mu
+                dz = grad_pre(vd[j], xc * a + sh)
+                ob[U(t0 + j * nt)] = rw * dz + q1 * xc + q0
+        for i in range(full + tid, m, nt):
+            xc = acc(xb[U(i)]) - mu
+            dz = grad_pre(acc(db[U(i)]), xc * a + sh)
+            ob[U(i)] = rw * dz + q1 * xc + q0
+
+    @cuda.jit
+    def bwd_dx_cl(dy, x, N, S, C, G, spos, nsb, mean, rstd, w, b, has_w, has_b, coef, dx,
+                  dweight_n, dbias_n, dweight, dbias, want_w, want_b):
+        """grid (N*nsb, ceil(C/TC)), block (TC, TS). As bwd_dx_nchw, channels-last."""
+        param_sums(N, C, dweight_n, dbias_n, dweight, dbias, want_w, want_b)
+        vx = cuda.local.array(K, acc)
+        vd = cuda.local.array(K, acc)
+        TC = cuda.blockDim.x
+        TS = cuda.blockDim.y
+        ty = cuda.threadIdx.y
+        bx = cuda.blockIdx.x
+        n = bx // nsb
+        kk = bx - n * nsb
+        c = cuda.blockIdx.y * TC + cuda.threadIdx.x
+        if c < C:
+            ng = n * G + c // (C // G)
+            mu = acc(mean[ng])
+            r = acc(rstd[ng])
+            a, sh = coefficients(r, w, b, has_w, has_b, c)
+            rw = r * acc(w[c]) if has_w else r
+            q1 = coef[2 * ng]
+            q0 = coef[2 * ng + 1]
+            m = min(spos, S - kk * spos)
+            o0 = (n * S + kk * spos) * C + c
+            xb = x[o0:o0 + (m - 1) * C + 1]
+            db = dy[o0:o0 + (m - 1) * C + 1]
+            ob = dx[o0:o0 + (m - 1) * C + 1]
+            step = TS * C
+            full = m - m % (TS * K)
+            o = ty * C
+            for _ in range(ty, full, TS * K):
+                for j in range(K):
+                    vx[j] = acc(xb[U(o + j * step)])
+                    vd[j] = acc(db[U(o + j * step)])
+                for j in range(K):
+                    xc = vx[j] - mu
+                    dz = grad_pre(vd[j], xc * a + sh)
+                    ob[U(o + j * step)] = rw * dz + q1 * xc + q0
+                o += K * step
+            for s in range(full + ty, m, TS):
+                xc = acc(xb[U(s * C)]) - mu
+                dz = grad_pre(acc(db[U(s * C)]), xc * a + sh)
+                ob[U(s * C)] = rw * dz + q1 * xc + q0
 
     # ------------------------------------------------------------------ layout helper
 
@@ -549,42 +720,79 @@ def build(threads: int, items: int, fused_items: int, acc_name: str, silu: bool)
                 do += idx * dst_strides[d]
             dst[do] = src[so]
 
-    return SimpleNamespace(**{k: v for k, v in locals().items() if hasattr(v, "py_func")})
+    return SimpleNamespace(**{k: v for k, v in locals().items()
+                              if hasattr(v, "py_func") and not k.startswith("_")
+                              and k in KERNELS})
+
+
+KERNELS = ("fwd_fused_nchw", "fwd_stats_nchw", "fwd_stats_cl", "fwd_finalize", "fwd_apply_nchw",
+           "fwd_apply_cl", "fill_stats", "bwd_sums_nchw", "bwd_sums_cl", "bwd_finalize",
+           "bwd_dx_nchw", "bwd_dx_cl", "strided_copy")
+
+# kernels whose code depends on the activation (the others are built once per dtype)
+ACT_KERNELS = ("fwd_fused_nchw", "fwd_apply_nchw", "fwd_apply_cl", "bwd_sums_nchw",
+               "bwd_sums_cl", "bwd_dx_nchw", "bwd_dx_cl")
+
+# the kernels that stream the tensor, and how many tensors each streams in (for SASS figures)
+STREAMED_INPUTS = {"fwd_fused_nchw": 1, "fwd_stats_nchw": 1, "fwd_stats_cl": 1,
+                   "fwd_apply_nchw": 1, "fwd_apply_cl": 1, "bwd_sums_nchw": 2,
+                   "bwd_sums_cl": 2, "bwd_dx_nchw": 2, "bwd_dx_cl": 2}
 
 
 def kernel_names():
     """Names of the launchable kernels, in the order of the module docstring."""
-    return ["fwd_fused_nchw", "fwd_stats_nchw", "fwd_stats_cl", "fwd_finalize",
-            "fwd_apply_nchw", "fwd_apply_cl", "fill_stats", "bwd_sums_nchw", "bwd_sums_cl",
-            "bwd_finalize", "bwd_dx_nchw", "bwd_dx_cl", "bwd_params", "strided_copy"]
+    return list(KERNELS)
 
 
-def signatures(dtype_name: str):
+def signatures(dtype_name: str, out_name: str | None = None):
     """Argument types of every kernel as the host code launches them for input dtype
-    ``dtype_name`` (float16/float32/float64); the PTX tests compile each one."""
+    ``dtype_name`` (float16/bfloat16/float32/float64); ``out_name`` is the dtype of dweight/dbias
+    (x's by default; float32 for half input with float32 parameters). The PTX tests and
+    ``benchmarks/cuda_sass.py`` compile each one."""
     from numba import types
+    from numba.cuda import types as cuda_types
 
-    dt = getattr(types, dtype_name)
+    def scalar(name):
+        return cuda_types.bfloat16 if name == "bfloat16" else getattr(types, name)
+
+    dt = scalar(dtype_name)
     acc = types.float64 if dtype_name == "float64" else types.float32
     v = types.Array(dt, 1, "C")  # x, y, dy, dx, weight, bias (flat views)
-    st = types.Array(acc, 1, "C")  # mean, rstd, k1, k0, per-sample grads
-    pa = types.Array(acc, 2, "C")  # partials
-    pc = types.Array(types.int64, 2, "C")
+    o = types.Array(scalar(out_name or dtype_name), 1, "C")  # dweight, dbias
+    st = types.Array(acc, 1, "C")  # mean, rstd, coefficients, per-sample grads, partials
     i, f, bo = types.int64, acc, types.boolean
     return {
         "fwd_fused_nchw": (v, i, i, i, i, f, v, v, bo, bo, v, st, st),
-        "fwd_stats_nchw": (v, i, i, i, pc, pa, pa),
-        "fwd_stats_cl": (v, i, i, i, i, i, pc, pa, pa),
-        "fwd_finalize": (pc, pa, pa, f, st, st),
+        "fwd_stats_nchw": (v, i, i, i, st),
+        "fwd_stats_cl": (v, i, i, i, i, i, i, st),
+        "fwd_finalize": (st, v, i, i, i, i, i, i, f, st, st),
         "fwd_apply_nchw": (v, i, i, i, i, st, st, v, v, bo, bo, v),
         "fwd_apply_cl": (v, i, i, i, i, i, st, st, v, v, bo, bo, v),
         "fill_stats": (st, st, f),
-        "bwd_sums_nchw": (v, v, i, i, i, i, st, st, v, v, bo, bo, pa, pa),
-        "bwd_sums_cl": (v, v, i, i, i, i, i, st, st, v, v, bo, bo, pa, pa),
-        "bwd_finalize": (pa, pa, i, i, i, st, v, bo, st, st, st, st),
-        "bwd_dx_nchw": (v, v, i, i, i, i, st, st, v, v, bo, bo, st, st, v),
-        "bwd_dx_cl": (v, v, i, i, i, i, i, st, st, v, v, bo, bo, st, st, v),
-        "bwd_params": (st, st, i, i, v, v, bo, bo),
+        "bwd_sums_nchw": (v, v, i, i, i, i, st, st, v, v, bo, bo, st),
+        "bwd_sums_cl": (v, v, i, i, i, i, i, st, st, v, v, bo, bo, st),
+        "bwd_finalize": (st, i, i, i, i, st, v, bo, st, st, st),
+        "bwd_dx_nchw": (v, v, i, i, i, i, i, st, st, v, v, bo, bo, st, v, st, st, o, o, bo, bo),
+        "bwd_dx_cl": (v, v, i, i, i, i, i, i, st, st, v, v, bo, bo, st, v, st, st, o, o, bo, bo),
         "strided_copy": (v, i, types.UniTuple(i, 4), v, i, types.UniTuple(i, 4),
                          types.UniTuple(i, 4)),
     }
+
+
+def sass_specs(dtypes=("float16", "bfloat16", "float32", "float64"), acts=None):
+    """Every specialisation ``benchmarks/cuda_sass.py`` and the PTX tests compile: per input
+    dtype, kernel and (for ``ACT_KERNELS``) activation, with the default configuration."""
+    from . import config
+
+    acts = list(activations.CODES.items()) if acts is None else acts
+    for dt in dtypes:
+        acc = "float64" if dt == "float64" else "float32"
+        for name in KERNELS:
+            for act_name, code in (acts if name in ACT_KERNELS else [(None, 0)]):
+                ks = build(config.THREADS, config.ITEMS, config.FUSED_ITEMS, config.FLUSH,
+                           acc, code)
+                yield dict(kernel=name, label=name + (f"-{act_name}" if act_name else ""),
+                           dtype=dt, act=act_name, pyfunc=getattr(ks, name).py_func,
+                           sig=signatures(dt)[name], threads=config.THREADS,
+                           itemsize=8 if dt == "float64" else 4 if dt == "float32" else 2,
+                           inputs=STREAMED_INPUTS.get(name, 1))

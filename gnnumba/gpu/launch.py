@@ -1,7 +1,7 @@
 """Host side of the CUDA kernels: array adaptation, validation, layout, allocation, launch.
 
-The two entry points the torch bridge uses are ``launch_forward`` and ``launch_backward``:
-they take caller-allocated outputs (any ``__cuda_array_interface__`` object or Numba device
+The entry points the torch bridge uses are ``launch_forward``, ``launch_backward`` and
+``launch_per_sample_param_grads``: they take caller-allocated outputs (any ``__cuda_array_interface__`` object or Numba device
 array), enqueue the kernels on the given stream and return at once. Nothing here
 synchronises the host: CUDA-array-interface objects are wrapped with ``sync=False`` (the
 caller's stream orders the work), and only workspaces (partials) are allocated here.
@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
+import warnings
 
 import numpy as np
 from numba import cuda
+from numba.core.errors import NumbaPerformanceWarning
 
-from .. import _checks
+from .. import _checks, activations
 from . import config, kernels
 
-DTYPES = (np.float16, np.float32, np.float64)
+try:  # numba-cuda types arrays of ml_dtypes.bfloat16 as __nv_bfloat16 (sm_80+)
+    from ml_dtypes import bfloat16 as BFLOAT16
+except ImportError:  # pragma: no cover - ml_dtypes comes with numba-cuda's dependencies
+    BFLOAT16 = None
+
+DTYPES = (np.float16, np.float32, np.float64) + ((BFLOAT16,) if BFLOAT16 is not None else ())
 NCHW, CL = "nchw", "cl"
 
 # Under NUMBA_ENABLE_CUDASIM=1 device arrays are FakeCUDAArray objects wrapping NumPy arrays
@@ -108,10 +116,10 @@ class DevArray:
 
 
 def _bf16_message(name, err):
-    return (f"{name} could not be read through __cuda_array_interface__ ({err}). bfloat16 "
-            f"is not supported by the Numba CUDA kernels (numba-cuda has a bfloat16 scalar "
-            f"type but no bfloat16 arrays); use float16 or float32, or gnnumba.torch, which "
-            f"converts bfloat16 for you")
+    return (f"{name} could not be read through __cuda_array_interface__ ({err}): the "
+            f"interface has no bfloat16 type. The kernels take bfloat16 as Numba device "
+            f"arrays of ml_dtypes.bfloat16 (sm_80+); pass one of those, or use "
+            f"gnnumba.torch, which hands torch bfloat16 tensors over itself")
 
 
 def _c_strides(shape):
@@ -207,11 +215,16 @@ def copy_into(src: DevArray, dst: DevArray, stream=0):
     s_flat, s_off = src.span()
     d_flat, d_off = dst.span()
     T = _threads()
-    ks.strided_copy[(src.size + T - 1) // T, T, stream](
-        s_flat, s_off, tuple(src.strides), d_flat, d_off, tuple(dst.strides), tuple(src.shape))
+    _launch(ks, "strided_copy", (src.size + T - 1) // T, T, stream,
+            s_flat, s_off, tuple(src.strides), d_flat, d_off, tuple(dst.strides),
+            tuple(src.shape))
 
 
 # --------------------------------------------------------------------------- launch plans
+#
+# A plan is the list of kernel launches (name, grid, block, workspace sizes, scalars) for
+# one (kind, N, C, S, G, layout, dtype, activation, device SM count, configuration); it is
+# computed once and cached, so a repeated call does no geometry arithmetic.
 
 
 def _threads() -> int:
@@ -222,10 +235,31 @@ def _threads() -> int:
     return T
 
 
+def _config_key():
+    """Every tunable, so that plans and kernels follow changes to ``config`` (tests)."""
+    return (_threads(), config.ITEMS, config.FUSED_ITEMS, config.FLUSH, config.BLOCKS_PER_SM,
+            config.MIN_BLOCK_ELEMS, config.APPLY_ITEMS, config.CL_MIN_TILE_C)
+
+
 def _kernels(dtype, activation):
     acc = "float64" if np.dtype(dtype) == np.float64 else "float32"
-    return kernels.build(_threads(), config.ITEMS, config.FUSED_ITEMS, acc,
-                         activation == "silu")
+    return kernels.build(_threads(), config.ITEMS, config.FUSED_ITEMS, config.FLUSH, acc,
+                         activations.code(activation))
+
+
+_SM_COUNTS: dict = {}
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current device (cached per device);
+    ``config.FALLBACK_SM_COUNT`` in the simulator."""
+    if SIMULATOR:
+        return config.FALLBACK_SM_COUNT
+    dev = cuda.get_current_device()
+    n = _SM_COUNTS.get(dev.id)
+    if n is None:
+        n = _SM_COUNTS[dev.id] = int(dev.MULTIPROCESSOR_COUNT)
+    return n
 
 
 def _cdiv(a, b):
@@ -236,16 +270,18 @@ def _pow2_at_least(n):
     return 1 << max(0, int(n - 1).bit_length())
 
 
-def _row_plan(S, rows, T, min_blocks=1):
+def _row_plan(S, rows, T, target_blocks=1):
     """NCHW row kernels: (threads, columns per block, column blocks). Blocks shrink to the
-    row length; ``min_blocks`` > 1 splits long rows so that small N*C still fills the GPU."""
+    row length; ``target_blocks`` > rows splits long rows so that small N*C still fills the
+    GPU (never below MIN_BLOCK_ELEMS columns per block)."""
     bt = min(T, max(32, _pow2_at_least(S))) if T >= 32 else T
     per_block = bt * config.APPLY_ITEMS
-    if min_blocks > 1:
-        want = min(_cdiv(min_blocks, max(rows, 1)), max(1, S // config.MIN_BLOCK_ELEMS))
+    if target_blocks > rows:
+        want = min(_cdiv(target_blocks, max(rows, 1)), max(1, S // config.MIN_BLOCK_ELEMS))
         per_block = max(per_block, _cdiv(S, max(want, 1)))
     per_block = max(per_block, _cdiv(S, 65535))  # gridDim.y limit
-    per_block = _cdiv(per_block, bt) * bt
+    tile = bt * config.ITEMS
+    per_block = _cdiv(per_block, tile) * tile  # whole register tiles per block
     return bt, per_block, max(1, _cdiv(S, per_block))
 
 
@@ -262,18 +298,98 @@ def _tile_c(C, T):
     return best[1]
 
 
-def _cl_plan(N, S, C, T, elems_per_thread, split):
-    """Channels-last kernels: (TC, TS, spatial positions per block, spatial blocks)."""
+def _cl_plan(N, S, C, T, elems_per_thread, target_blocks=0):
+    """Channels-last kernels: (TC, TS, spatial positions per block, spatial blocks, channel
+    tiles)."""
     TC = _tile_c(C, T)
     TS = T // TC
     nct = _cdiv(C, TC)
     spos = TS * elems_per_thread
-    if split:
-        want = min(_cdiv(config.TARGET_BLOCKS, N * nct),
+    if target_blocks:
+        want = min(_cdiv(target_blocks, N * nct),
                    max(1, (S * min(C, TC)) // config.MIN_BLOCK_ELEMS))
         spos = max(spos, _cdiv(S, max(want, 1)))
-    spos = _cdiv(spos, TS) * TS
+    spos = _cdiv(spos, TS * config.ITEMS) * TS * config.ITEMS
     return TC, TS, spos, _cdiv(S, spos), nct
+
+
+def _tiles_per_group(C, G, TC):
+    """The most channel tiles of width TC that one group of C/G channels spans."""
+    Cg = C // G
+    return max(((g + 1) * Cg - 1) // TC - (g * Cg) // TC + 1 for g in range(G))
+
+
+@functools.lru_cache(maxsize=4096)
+def forward_plan(N, C, S, G, layout, sms, cfg):
+    """Launches of the forward: ``[(kernel, grid, block, extra)]`` and the partials' size."""
+    T = cfg[0]
+    Cg = C // G
+    D = Cg * S
+    target = config.BLOCKS_PER_SM * sms
+    if layout == NCHW and D <= T * config.FUSED_ITEMS:
+        return [("fwd_fused_nchw", N * G, T, (D, S, Cg, G))], 0
+    if layout == NCHW:
+        K = config.ITEMS
+        want = min(_cdiv(target, N * G), max(1, D // config.MIN_BLOCK_ELEMS))
+        chunk = _cdiv(_cdiv(D, want), T * K) * T * K
+        nchunks = _cdiv(D, chunk)
+        bt, colchunk, ncol = _row_plan(S, N * C, T)
+        return [("fwd_stats_nchw", N * G * nchunks, T, (D, chunk, nchunks)),
+                ("fwd_finalize", N * G, T, (G * D, nchunks, 1, G, D, 1 << 62)),
+                ("fwd_apply_nchw", (N * C, ncol), bt, (C, G, S, colchunk))], N * G * nchunks * 3
+    TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, config.ITEMS, target)
+    tpg = _tiles_per_group(C, G, TC)
+    TCa, TSa, sposa, nsba, ncta = _cl_plan(N, S, C, T, config.APPLY_ITEMS)
+    return [("fwd_stats_cl", (N * nsb, nct), (TC, TS), (S, C, G, spos, nsb, tpg)),
+            ("fwd_finalize", N * G, T, (S * C, nsb, tpg, G, Cg, TC)),
+            ("fwd_apply_cl", (N * nsba, ncta), (TCa, TSa), (S, C, G, sposa, nsba))], \
+        N * G * nsb * tpg * 3
+
+
+@functools.lru_cache(maxsize=4096)
+def backward_plan(N, C, S, G, layout, sms, cfg):
+    """Launches of the sums, finalize and dx kernels and the partials' size (the per-sample
+    gradients take the first two)."""
+    T = cfg[0]
+    target = config.BLOCKS_PER_SM * sms
+    if layout == NCHW:
+        bt, colchunk, ncol = _row_plan(S, N * C, T, target)
+        bta, colchunka, ncola = _row_plan(S, N * C, T)
+        return [("bwd_sums_nchw", (N * C, ncol), bt, (C, G, S, colchunk)),
+                ("bwd_finalize", N * G, T, (ncol, C, G, S)),
+                ("bwd_dx_nchw", (N * C, ncola), bta, (N, C, G, S, colchunka))], N * C * ncol * 2
+    TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, config.ITEMS, target)
+    TCa, TSa, sposa, nsba, ncta = _cl_plan(N, S, C, T, config.APPLY_ITEMS)
+    return [("bwd_sums_cl", (N * nsb, nct), (TC, TS), (S, C, G, spos, nsb)),
+            ("bwd_finalize", N * G, T, (nsb, C, G, S)),
+            ("bwd_dx_cl", (N * nsba, ncta), (TCa, TSa), (N, S, C, G, sposa, nsba))], \
+        N * C * nsb * 2
+
+
+_CONFIGURED: dict = {}
+
+
+def _launch(ks, name, grid, block, stream, *args):
+    """The one place kernels are enqueued (tests count launches here). On a GPU the
+    configured launcher is cached per (kernel, grid, block, stream): Numba builds its launch
+    configuration (and checks the grid size) once, and its "grid size < 128 blocks" warning,
+    meant for beginners' one-block grids, is not repeated on every call."""
+    kernel = getattr(ks, name)
+    if SIMULATOR:  # the simulator's kernel[...] mutates the kernel: nothing to cache
+        kernel[grid, block, stream](*args)
+        return
+    key = (id(kernel), grid, block, id(stream) if not isinstance(stream, int) else stream)
+    launcher = _CONFIGURED.get(key)
+    if launcher is None:
+        if len(_CONFIGURED) > 4096:
+            _CONFIGURED.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaPerformanceWarning)
+            launcher = kernel[grid, block, stream]
+        _CONFIGURED[key] = (launcher, stream)  # the stream is kept alive with its id
+    else:
+        launcher = launcher[0]
+    launcher(*args)
 
 
 # --------------------------------------------------------------------------- validation
@@ -305,6 +421,11 @@ def check_x(x):
     xa = _dev(x, "x")
     _checks.check_dtype(xa.dtype, DTYPES, "x")
     _checks.check_ndim(xa.shape)
+    if BFLOAT16 is not None and xa.dtype == BFLOAT16 and not SIMULATOR:
+        cc = cuda.get_current_device().compute_capability
+        if cc < (8, 0):
+            raise TypeError(f"bfloat16 needs a GPU of compute capability 8.0 or newer, this "
+                            f"one is {cc[0]}.{cc[1]}; cast x to float32 (x.astype(np.float32))")
     return xa
 
 
@@ -370,10 +491,12 @@ def launch_forward(x, G, weight, bias, eps, activation, y, mean, rstd, stream=0)
       contiguous). ``y`` may be ``x`` itself (in-place).
     - ``mean``, ``rstd``: outputs of shape (N, G), contiguous, float32 (float64 for float64
       x); ``rstd = 1/sqrt(biased var + eps)``; empty groups give mean 0, rstd NaN.
+    - ``activation``: None, "silu", "relu" or "gelu" (``gnnumba.activations``).
     - ``stream``: 0/None (default stream), a raw ``CUstream`` int (torch:
       ``torch.cuda.current_stream().cuda_stream``), a torch stream or a Numba stream.
 
-    Only the partial-statistics workspace is allocated here (through Numba).
+    One launch (groups that fit one block's registers, NCHW) or three (statistics, merge,
+    apply); only the partial-statistics workspace is allocated here (``workspace_allocator``).
     """
     xa = check_x(x)
     N, C, S = _dims(xa)
@@ -399,48 +522,30 @@ def _forward(xa, G, wa, ba, eps, activation, ya, ma, ra, st):
     N, C, S = _dims(xa)
     if N * C == 0:
         return
-    T = _threads()
     ks = _kernels(xa.dtype, activation)
     accd = _acc_type(xa.dtype)
     mean, rstd = ma.flat(), ra.flat()
     if S == 0:  # empty groups: no variance
-        ks.fill_stats[_cdiv(N * G, T), T, st](mean, rstd, accd(np.nan))
+        T = _threads()
+        _launch(ks, "fill_stats", _cdiv(N * G, T), T, st, mean, rstd, accd(np.nan))
         return
     x, y = xa.flat(), ya.flat()
     w = wa.flat() if wa is not None else x  # placeholder of the same type, never read
     b = ba.flat() if ba is not None else x
     hw, hb = wa is not None, ba is not None
-    Cg = C // G
-    D = Cg * S
     e = accd(eps)
-    if xa.layout == NCHW and D <= T * config.FUSED_ITEMS:
-        ks.fwd_fused_nchw[N * G, T, st](x, D, S, Cg, G, e, w, b, hw, hb, y, mean, rstd)
-        return
-    if xa.layout == NCHW:
-        K = config.ITEMS
-        want = min(_cdiv(config.TARGET_BLOCKS, N * G), max(1, D // config.MIN_BLOCK_ELEMS))
-        chunk = _cdiv(_cdiv(D, want), T * K) * T * K
-        nchunks = _cdiv(D, chunk)
-        pc, pm, pq = _partials(N * G, nchunks, accd, st)
-        ks.fwd_stats_nchw[N * G * nchunks, T, st](x, D, chunk, nchunks, pc, pm, pq)
-        ks.fwd_finalize[N * G, T, st](pc, pm, pq, e, mean, rstd)
-        bt, colchunk, ncol = _row_plan(S, N * C, T)
-        ks.fwd_apply_nchw[(N * C, ncol), bt, st](x, C, G, S, colchunk, mean, rstd, w, b, hw,
-                                                 hb, y)
-        return
-    TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, config.ITEMS, split=True)
-    pc, pm, pq = _partials(N * G, nsb * Cg, accd, st)
-    ks.fwd_stats_cl[(N * nsb, nct), (TC, TS), st](x, S, C, G, spos, nsb, pc, pm, pq)
-    ks.fwd_finalize[N * G, T, st](pc, pm, pq, e, mean, rstd)
-    TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, config.APPLY_ITEMS, split=False)
-    ks.fwd_apply_cl[(N * nsb, nct), (TC, TS), st](x, S, C, G, spos, nsb, mean, rstd, w, b,
-                                                  hw, hb, y)
-
-
-def _partials(rows, cols, accd, st):
-    return (device_array((rows, cols), np.int64, st),
-            device_array((rows, cols), accd, st),
-            device_array((rows, cols), accd, st))
+    steps, nparts = forward_plan(N, C, S, G, xa.layout, sm_count(), _config_key())
+    part = device_array(nparts, accd, st) if nparts else None
+    for name, grid, block, dims in steps:
+        if name == "fwd_fused_nchw":
+            args = (x, *dims, e, w, b, hw, hb, y, mean, rstd)
+        elif name.startswith("fwd_stats"):
+            args = (x, *dims, part)
+        elif name == "fwd_finalize":
+            args = (part, x, *dims, e, mean, rstd)
+        else:
+            args = (x, *dims, mean, rstd, w, b, hw, hb, y)
+        _launch(ks, name, grid, block, st, *args)
 
 
 # --------------------------------------------------------------------------- backward
@@ -448,20 +553,56 @@ def _partials(rows, cols, accd, st):
 
 def launch_backward(dy, x, mean, rstd, G, weight, bias, activation, dx, dweight_n=None,
                     dbias_n=None, dweight=None, dbias=None, stream=0):
-    """Enqueue GroupNorm backward on ``stream`` and return without synchronising.
+    """Enqueue GroupNorm backward on ``stream`` and return without synchronising: three
+    launches (sums, per-group merge, dx with the parameter sums).
 
     Arguments are CUDA arrays (see ``launch_forward``); ``weight``/``bias`` may be None
-    (``bias`` is only read for activation="silu").
+    (``bias`` is only read for an activation).
 
     - ``dy``: gradient of y, x's shape and dtype (any layout; copied to x's if it differs).
     - ``mean``, ``rstd``: as returned by the forward, (N, G).
     - ``dx``: output, x's shape and dtype, in x's layout.
     - ``dweight_n``, ``dbias_n``: optional outputs (N, C), contiguous, float32 (float64 for
-      float64 x): the per-sample parameter gradients sum(dz * xhat) and sum(dz) (Opacus).
-      Allocated internally when None.
-    - ``dweight``, ``dbias``: optional outputs (C,) in x's dtype: the sums over N of the
-      per-sample gradients, in order of n (deterministic, no atomics). Skipped when None.
+      float64 x): the per-sample parameter gradients ``dweight_per_sample`` and
+      ``dbias_per_sample``. Allocated internally when None.
+    - ``dweight``, ``dbias``: optional outputs (C,), in x's dtype or in the accumulation
+      dtype (float32 for half x: the sum over n of float32 per-sample gradients is never
+      rounded to half, so a large gradient does not overflow before the caller casts it to
+      the parameters' dtype). Sums in order of n (deterministic, no atomics). Skipped when
+      None.
     """
+    xa, dya, ma, ra, wa, ba, pw, pb, st = _check_backward(
+        dy, x, mean, rstd, G, weight, bias, activation, dweight_n, dbias_n, stream)
+    G = ma.shape[1]
+    dxa = _check_out_like(dx, "dx", xa)
+    if dxa.layout != xa.layout:
+        raise ValueError(f"dx must have the memory layout of x ({xa.layout}); allocate it "
+                         f"with the same strides (torch.empty_like(x))")
+    C = xa.shape[1]
+    out_dtypes = (xa.dtype, np.dtype(_acc_type(xa.dtype)))
+    gw = _check_param_grad(dweight, "dweight", C, out_dtypes)
+    gb = _check_param_grad(dbias, "dbias", C, out_dtypes)
+    if gw is not None and gb is not None and gw.dtype != gb.dtype:
+        raise TypeError(f"dweight ({gw.dtype.name}) and dbias ({gb.dtype.name}) must have the "
+                        f"same dtype")
+    _backward(dya, xa, ma, ra, G, wa, ba, activation, dxa, pw, pb, gw, gb, st)
+
+
+def launch_per_sample_param_grads(dy, x, mean, rstd, G, weight, bias, activation,
+                                  dweight_per_sample, dbias_per_sample, stream=0):
+    """Enqueue the per-sample parameter gradients on ``stream``: two launches (sums, per-group
+    merge) that read x and dy once and write no dx. ``dweight_per_sample`` and
+    ``dbias_per_sample`` are (N, C) outputs, contiguous, float32 (float64 for float64 x);
+    their sums over n are ``launch_backward``'s dweight/dbias. Other arguments as
+    ``launch_backward``."""
+    xa, dya, ma, ra, wa, ba, pw, pb, st = _check_backward(
+        dy, x, mean, rstd, G, weight, bias, activation, dweight_per_sample, dbias_per_sample,
+        stream, names=("dweight_per_sample", "dbias_per_sample"))
+    _backward(dya, xa, ma, ra, ma.shape[1], wa, ba, activation, None, pw, pb, None, None, st)
+
+
+def _check_backward(dy, x, mean, rstd, G, weight, bias, activation, dwn, dbn, stream,
+                    names=("dweight_n", "dbias_n")):
     xa = check_x(x)
     N, C, S = _dims(xa)
     G = _checks.check_num_groups(G, C)
@@ -474,74 +615,67 @@ def launch_backward(dy, x, mean, rstd, G, weight, bias, activation, dx, dweight_
     ra = _check_stats(rstd, "rstd", N, G, sdt)
     wa = _check_param(weight, "weight", C, xa.dtype)
     ba = _check_param(bias, "bias", C, xa.dtype)
-    dxa = _check_out_like(dx, "dx", xa)
     accd = _acc_type(xa.dtype)
     st = _stream(stream)
-    pw = (_check_out_like(dweight_n, "dweight_n", xa, accd, (N, C))
-          if dweight_n is not None else DevArray(empty((N, C), accd, NCHW, st), "dweight_n"))
-    pb = (_check_out_like(dbias_n, "dbias_n", xa, accd, (N, C))
-          if dbias_n is not None else DevArray(empty((N, C), accd, NCHW, st), "dbias_n"))
-    for a in (pw, pb):
-        if a.layout != NCHW:
-            raise ValueError(f"{a.name} must be contiguous")
-    gw = _check_out_like(dweight, "dweight", xa, shape=(C,)) if dweight is not None else None
-    gb = _check_out_like(dbias, "dbias", xa, shape=(C,)) if dbias is not None else None
+    per_sample = []
+    for a, name in zip((dwn, dbn), names):
+        pa = (_check_out_like(a, name, xa, accd, (N, C)) if a is not None
+              else DevArray(empty((N, C), accd, NCHW, st), name))
+        if pa.layout != NCHW:
+            raise ValueError(f"{name} must be contiguous")
+        per_sample.append(pa)
     if xa.layout is None:
         xa = as_layout(xa, NCHW, st)
     dya = as_layout(dya, xa.layout, st)
-    if dxa.layout != xa.layout:
-        raise ValueError(f"dx must have the memory layout of x ({xa.layout}); allocate it "
-                         f"with the same strides (torch.empty_like(x))")
-    _backward(dya, xa, ma, ra, G, wa, ba, activation, dxa, pw, pb, gw, gb, st)
+    return xa, dya, ma, ra, wa, ba, per_sample[0], per_sample[1], st
+
+
+def _check_param_grad(a, name, C, dtypes):
+    if a is None:
+        return None
+    pa = _dev(a, name)
+    if pa.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},), got {pa.shape}")
+    if pa.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {pa.dtype.name}, expected "
+                        f"{' or '.join(d.name for d in dtypes)}")
+    if pa.layout != NCHW:
+        raise ValueError(f"{name} must be contiguous")
+    return pa
 
 
 def _backward(dya, xa, ma, ra, G, wa, ba, activation, dxa, pw, pb, gw, gb, st):
+    """dx is skipped when ``dxa`` is None (per-sample gradients only)."""
     N, C, S = _dims(xa)
     T = _threads()
     ks = _kernels(xa.dtype, activation)
     accd = _acc_type(xa.dtype)
     dwn, dbn = pw.flat(), pb.flat()
-    if N * C > 0:
-        if S == 0:
-            zeros = ks.fill_stats  # reuse: writes 0 to the first array, a value to the other
-            zeros[_cdiv(N * C, T), T, st](dwn, dbn, accd(0))
-        else:
-            _backward_sums_dx(ks, dya, xa, ma, ra, G, wa, ba, dxa, dwn, dbn, accd, st)
-    if (gw is not None or gb is not None) and C > 0:
-        dwv = gw.flat() if gw is not None else None
-        dbv = gb.flat() if gb is not None else None
-        ks.bwd_params[_cdiv(C, T), T, st](dwn, dbn, N, C, dwv if dwv is not None else dbv,
-                                          dbv if dbv is not None else dwv, gw is not None,
-                                          gb is not None)
-
-
-def _backward_sums_dx(ks, dya, xa, ma, ra, G, wa, ba, dxa, dwn, dbn, accd, st):
-    N, C, S = _dims(xa)
-    T = _threads()
-    x, dy, dx = xa.flat(), dya.flat(), dxa.flat()
+    dwv = gw.flat() if gw is not None else None
+    dbv = gb.flat() if gb is not None else None
+    if N * C * S == 0:  # empty sums are 0 (dx is empty)
+        if N * C:
+            _launch(ks, "fill_stats", _cdiv(N * C, T), T, st, dwn, dbn, accd(0))
+        if C and (dwv is not None or dbv is not None):
+            a = dwv if dwv is not None else dbv
+            _launch(ks, "fill_stats", _cdiv(C, T), T, st, a, dbv if dbv is not None else a,
+                    accd(0))
+        return
+    x, dy = xa.flat(), dya.flat()
     mean, rstd = ma.flat(), ra.flat()
     w = wa.flat() if wa is not None else x
     b = ba.flat() if ba is not None else x
     hw, hb = wa is not None, ba is not None
-    k1 = device_array(N * G, accd, st)
-    k0 = device_array(N * G, accd, st)
-    if xa.layout == NCHW:
-        bt, colchunk, ncol = _row_plan(S, N * C, T, min_blocks=config.TARGET_BLOCKS)
-        p1 = device_array((N * C, ncol), accd, st)
-        p2 = device_array((N * C, ncol), accd, st)
-        ks.bwd_sums_nchw[(N * C, ncol), bt, st](dy, x, C, G, S, colchunk, mean, rstd, w, b,
-                                                hw, hb, p1, p2)
-        ks.bwd_finalize[N * G, T, st](p1, p2, C, G, S, rstd, w, hw, dwn, dbn, k1, k0)
-        bt, colchunk, ncol = _row_plan(S, N * C, T)
-        ks.bwd_dx_nchw[(N * C, ncol), bt, st](dy, x, C, G, S, colchunk, mean, rstd, w, b, hw,
-                                              hb, k1, k0, dx)
+    steps, nparts = backward_plan(N, C, S, G, xa.layout, sm_count(), _config_key())
+    (sums, sgrid, sblock, sdims), (fin, fgrid, fblock, fdims), (dxk, dgrid, dblock, ddims) = \
+        steps
+    p = device_array(nparts, accd, st)
+    coef = device_array(2 * N * G, accd, st)
+    _launch(ks, sums, sgrid, sblock, st, dy, x, *sdims, mean, rstd, w, b, hw, hb, p)
+    _launch(ks, fin, fgrid, fblock, st, p, *fdims, rstd, w, hw, dwn, dbn, coef)
+    if dxa is None:
         return
-    TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, config.ITEMS, split=True)
-    p1 = device_array((N * C, nsb), accd, st)
-    p2 = device_array((N * C, nsb), accd, st)
-    ks.bwd_sums_cl[(N * nsb, nct), (TC, TS), st](dy, x, S, C, G, spos, nsb, mean, rstd, w, b,
-                                                 hw, hb, p1, p2)
-    ks.bwd_finalize[N * G, T, st](p1, p2, C, G, S, rstd, w, hw, dwn, dbn, k1, k0)
-    TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, config.APPLY_ITEMS, split=False)
-    ks.bwd_dx_cl[(N * nsb, nct), (TC, TS), st](dy, x, S, C, G, spos, nsb, mean, rstd, w, b,
-                                               hw, hb, k1, k0, dx)
+    ow = dwv if dwv is not None else (dbv if dbv is not None else dwn)
+    ob = dbv if dbv is not None else ow
+    _launch(ks, dxk, dgrid, dblock, st, dy, x, *ddims, mean, rstd, w, b, hw, hb, coef,
+            dxa.flat(), dwn, dbn, ow, ob, dwv is not None, dbv is not None)

@@ -11,6 +11,13 @@ autograd with its ``torch.func`` rules, ``functional.py`` the checks and the cho
 ``module.py`` the module.
 """
 
+try:
+    import torch  # noqa: F401
+except ImportError as e:  # say which extra brings it, not only "No module named 'torch'"
+    raise ImportError('gnnumba.torch needs PyTorch, which is not installed: '
+                      'pip install "gnnumba[torch]" (the NumPy API, gnnumba.group_norm and '
+                      'friends, works without it)') from e
+
 from .convert import convert_batchnorm, group_count
 from .functional import group_norm
 from .module import GroupNorm
