@@ -226,7 +226,8 @@ def test_hessian_vector_product():
     v = torch.randn_like(w)
 
     def hvp(f):
-        g = lambda w_: grad(lambda u: f(x, 2, u, b, activation="silu").pow(2).sum())(w_)  # noqa: E731
+        def g(w_):
+            return grad(lambda u: f(x, 2, u, b, activation="silu").pow(2).sum())(w_)
         return jvp(g, (w,), (v,))[1]
 
     _assert_same(_both(hvp))
