@@ -136,15 +136,21 @@ def check_dtype_name(dtype: str, supported, name: str = "x") -> None:
         )
 
 
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
 def accumulation_dtype(dtype) -> np.dtype:
     """THE rule for what gnnumba accumulates in and returns statistics, per-sample gradients
     and CUDA partial sums in: float64 only for float64 input, float32 otherwise (half types
     included). ``dtype``: a NumPy dtype, a dtype name, or a torch/JAX dtype."""
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:  # torch dtypes, and "bfloat16" without ml_dtypes
-        name = str(dtype).removeprefix("torch.")
-    return np.dtype(np.float64) if name == "float64" else np.dtype(np.float32)
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:  # torch dtypes, and "bfloat16" without ml_dtypes
+            name = str(dtype).removeprefix("torch.")
+    return _FLOAT64 if name == "float64" else _FLOAT32
 
 
 # the name the CUDA backend still uses; the same rule

@@ -12,6 +12,7 @@ per-sample gradients summed over N, in order.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -47,7 +48,9 @@ def _take(a, name, x_kind=None):
         _arrays.same_kind(kind, x_kind, name)
     allowed = NUMPY_DTYPES if kind is _arrays.NUMPY else DLPACK_DTYPES
     _checks.check_dtype_name(dtype, allowed, name)
-    return storage.view(_arrays.storage_dtype(dtype)), dtype, kind
+    if dtype in _arrays.HALF:  # NumPy float16 from a DLPack producer: the kernels take bits
+        storage = storage.view(_arrays.storage_dtype(dtype))
+    return storage, dtype, kind
 
 
 # --------------------------------------------------------------------------- layouts
@@ -63,20 +66,21 @@ def is_channels_last(x: np.ndarray) -> bool:
 def _views(x: np.ndarray, channels_last: bool) -> np.ndarray:
     """3-D view (N, C, S) for NCHW or (N, S, C) for channels-last; no copy."""
     N, C = x.shape[:2]
-    S = int(np.prod(x.shape[2:], dtype=np.int64))  # not -1: N == 0 leaves it undetermined
+    S = math.prod(x.shape[2:])  # not -1: N == 0 leaves it undetermined
     if channels_last:
         return np.moveaxis(x, 1, -1).reshape(N, S, C)
     return x.reshape(N, C, S)
 
 
-def _empty_like_layout(x: np.ndarray, channels_last: bool, dtype=None) -> np.ndarray:
-    """A new output of x's shape in the given layout, its pages mapped and 64-byte aligned
-    (``_arrays.empty``)."""
+def _empty_like_layout(x: np.ndarray, channels_last: bool, dtype=None,
+                       aligned: bool = False) -> np.ndarray:
+    """A new output of x's shape in the given layout, its pages mapped (``_arrays.empty``;
+    ``aligned`` for kinds that need it)."""
     dtype = x.dtype if dtype is None else dtype
     if channels_last:
         shape = (x.shape[0],) + x.shape[2:] + (x.shape[1],)
-        return np.moveaxis(_arrays.empty(shape, dtype), -1, 1)
-    return _arrays.empty(x.shape, dtype)
+        return np.moveaxis(_arrays.empty(shape, dtype, aligned), -1, 1)
+    return _arrays.empty(x.shape, dtype, aligned)
 
 
 def _as_layout(a: np.ndarray, channels_last: bool) -> np.ndarray:
@@ -131,7 +135,7 @@ def _is_empty(shape) -> bool:
 def _stats(a64: np.ndarray, acc: np.dtype, kind):
     """mean/rstd (float64 from the kernels) in the accumulation dtype, as x's kind."""
     a = a64.astype(acc, copy=False)
-    return kind.wrap(a, acc.name)
+    return kind.wrap(a, "float64" if acc == np.float64 else "float32")
 
 
 # --------------------------------------------------------------------------- forward
@@ -146,6 +150,12 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, activ
     of ``x`` (NCHW or channels-last). All three are of x's kind (NumPy, torch, JAX, ...).
     ``out``: a writeable array of x's kind, shape and dtype (x itself for in-place).
     """
+    return _forward(x, num_groups, weight, bias, eps, activation, out, stats=True)
+
+
+def _forward(x, num_groups, weight, bias, eps, activation, out, stats):
+    """``group_norm_forward``; with ``stats=False`` mean/rstd are not converted to x's kind
+    (``group_norm`` drops them: for JAX that saves two array constructions, ~20 us each)."""
     if _is_cuda_array(x):
         _checks.check_ndim(x.shape)
         G = _checks.check_num_groups(num_groups, x.shape[1])
@@ -173,13 +183,15 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, activ
         if y_target is not y:
             np.copyto(y, y_target)
     y_out = out if out is not None else kind.wrap(y, dtype)
+    if not stats:
+        return y_out, None, None
     return y_out, _stats(mean, acc, kind), _stats(rstd, acc, kind)
 
 
 def _out(out, x, dtype, kind, channels_last, params):
     """The storage ``y`` is written to: a new array in x's layout, or ``out`` checked."""
     if out is None:
-        return _empty_like_layout(x, channels_last)
+        return _empty_like_layout(x, channels_last, aligned=kind.aligned)
     if not kind.writeable:
         raise TypeError(f"out cannot be a {kind.name} array: {kind.name} arrays are immutable; "
                         f"leave out=None and use the returned array")
@@ -207,8 +219,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=No
     """GroupNorm (Wu & He, 2018) of ``x`` with shape (N, C, *spatial); returns ``y`` of x's
     kind. ``out`` may be a preallocated array of x's kind, shape and dtype (x itself for
     in-place)."""
-    return group_norm_forward(x, num_groups, weight, bias, eps, activation=activation,
-                              out=out)[0]
+    return _forward(x, num_groups, weight, bias, eps, activation, out, stats=False)[0]
 
 
 # --------------------------------------------------------------------------- backward
@@ -266,7 +277,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, bias=None, *
             dy, x, mean, rstd, G, weight, bias, activation=_checks.check_activation(activation))
     p = _backward_inputs(dy, x, mean, rstd, num_groups, weight, bias, activation)
     N, C = p.x.shape[:2]
-    dx = _empty_like_layout(p.x, p.channels_last)
+    dx = _empty_like_layout(p.x, p.channels_last, aligned=p.kind.aligned)
     if _is_empty(p.x.shape):
         dweight_ps, dbias_ps = np.zeros((N, C)), np.zeros((N, C))
     else:
@@ -290,11 +301,7 @@ def per_sample_param_grads(dy, x, mean, rstd, num_groups, weight=None, bias=None
     if _is_cuda_array(x):
         _checks.check_ndim(x.shape)
         G = _checks.check_num_groups(num_groups, x.shape[1])
-        backend = _cuda_backend()
-        if not hasattr(backend, "per_sample_param_grads"):
-            raise NotImplementedError("per_sample_param_grads for CUDA arrays needs a newer "
-                                      "gnnumba.gpu; copy the arrays to the host meanwhile")
-        return backend.per_sample_param_grads(
+        return _cuda_backend().per_sample_param_grads(
             dy, x, mean, rstd, G, weight, bias, activation=_checks.check_activation(activation))
     p = _backward_inputs(dy, x, mean, rstd, num_groups, weight, bias, activation)
     N, C = p.x.shape[:2]
