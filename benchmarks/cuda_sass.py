@@ -182,7 +182,8 @@ def _figures(body, itemsize, inputs):
 def analyse(spec, cc: int) -> dict:
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(spec["pyfunc"], spec["sig"], cc=(cc // 10, cc % 10))
+    ptx, _ = cuda.compile_ptx(spec["pyfunc"], spec["sig"], cc=(cc // 10, cc % 10),
+                              launch_bounds=spec.get("launch_bounds"))
     with tempfile.TemporaryDirectory() as tmp:
         cubin, text = assemble(ptx, cc, tmp)
         res = resources(text)
