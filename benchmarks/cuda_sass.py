@@ -136,9 +136,9 @@ def disassemble(cubin: str):
 
 
 def hot_loop(insts, labels, itemsize: int, inputs: int):
-    """Figures of the innermost loop (backward branch) with global loads, the largest one
-    (the streaming loop, not a tail or the parameter-sum loop); for a kernel without such a
-    loop, the whole kernel."""
+    """Figures of the innermost loop (backward branch) with global loads, the one with the
+    most loads, then the most instructions (the streaming loop, not its tail or the
+    parameter-sum loop); for a kernel without such a loop, the whole kernel."""
     loops = []
     for addr, text in insts:
         m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", text)
@@ -154,7 +154,7 @@ def hot_loop(insts, labels, itemsize: int, inputs: int):
             continue  # an inner loop with loads is the hot one
         body = [t for a, t in insts if lo <= a <= hi]
         cand = _figures(body, itemsize, inputs)
-        if cand and (best is None or cand["inst"] > best["inst"]):
+        if cand and (best is None or (cand["ldg"], cand["inst"]) > (best["ldg"], best["inst"])):
             best = cand
     if best is None:  # fully unrolled (the on-chip kernel): the whole body
         best = _figures([t for _, t in insts], itemsize, inputs)
@@ -182,7 +182,8 @@ def _figures(body, itemsize, inputs):
 def analyse(spec, cc: int) -> dict:
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(spec["pyfunc"], spec["sig"], cc=(cc // 10, cc % 10))
+    ptx, _ = cuda.compile_ptx(spec["pyfunc"], spec["sig"], cc=(cc // 10, cc % 10),
+                              launch_bounds=spec.get("launch_bounds"))
     with tempfile.TemporaryDirectory() as tmp:
         cubin, text = assemble(ptx, cc, tmp)
         res = resources(text)
@@ -229,18 +230,25 @@ def _kernel_time(row, elems, itemsize, grid_threads, hw=H100):
 
 
 def predict(rows, kind, N, C, S, G, layout, dtype, act=None, old_backward=False):
-    """Predicted seconds and fraction of the copy bandwidth (ideal bytes / time / copy_bw)
-    of one forward or backward call, from the SASS rows (``analyse``) of its kernels."""
-    from gnnumba.gpu import launch
+    """Predicted seconds, fraction of the copy bandwidth (ideal bytes / time / copy_bw) and
+    launches of one forward or backward call, from the SASS rows (``analyse``) of its
+    kernels. ``old_backward``: the code before this rework (a fourth backward launch for the
+    parameter sums, blocks of at least 8192 elements)."""
+    from gnnumba.gpu import config, launch
 
-    cfg = launch._config_key()
-    plan = (launch.forward_plan if kind == "forward" else launch.backward_plan)(
-        N, C, S, G, layout, H100["sms"], cfg)[0]
+    saved = config.MIN_BLOCK_ELEMS
+    if old_backward:  # the geometry before: blocks of at least 8192 elements
+        config.MIN_BLOCK_ELEMS = 8192
+    try:
+        plan = (launch.forward_plan if kind == "forward" else launch.backward_plan)(
+            N, C, S, G, layout, H100["sms"], launch._config_key())[0]
+    finally:
+        config.MIN_BLOCK_ELEMS = saved
     by = {(r["kernel"], r["dtype"], r["cc"]): r for r in rows}
     itemsize = 8 if dtype == "float64" else 4 if dtype == "float32" else 2
     t = 0.0
     steps = [(st[0], st[1], st[2]) for st in plan]
-    if old_backward:  # before: the parameter sums were a fourth launch
+    if old_backward and kind == "backward":  # before: the parameter sums, a fourth launch
         steps.append(("bwd_params", 1, 1))
     for name, grid, block in steps:
         row = by.get((f"{name}-{act}" if act else name, dtype, 90)) or by.get((name, dtype, 90))
@@ -252,10 +260,10 @@ def predict(rows, kind, N, C, S, G, layout, dtype, act=None, old_backward=False)
 
 
 def prediction_table(after, before=None):
-    lines = [f"Predicted on an H100 SXM (model in benchmarks/cuda_sass.py; G=32, no activation): "
-             f"fraction of copy bandwidth, launches",
-             f"{'shape':22s} {'dtype':8s} {'layout':6s} {'fwd before':>12s} {'fwd after':>12s} "
-             f"{'bwd before':>12s} {'bwd after':>12s}"]
+    lines = [f"Predicted on an H100 SXM (model in benchmarks/cuda_sass.py; G=32, no "
+             f"activation): fraction of copy bandwidth (launches, microseconds)",
+             f"{'shape':16s} {'dtype':8s} {'layout':6s} {'fwd before':>17s} {'fwd after':>17s} "
+             f"{'bwd before':>17s} {'bwd after':>17s}"]
     for N, C, H in SD_UNET:
         for dtype in ("float16", "float32"):
             for layout in ("nchw", "cl"):
@@ -263,12 +271,12 @@ def prediction_table(after, before=None):
                 for kind in ("forward", "backward"):
                     for rows, old in ((before, True), (after, False)):
                         if rows is None:
-                            cells.append(f"{'-':>12s}")
+                            cells.append(f"{'-':>17s}")
                             continue
-                        _, frac, n = predict(rows, kind, N, C, H * H, 32, layout, dtype,
-                                             old_backward=old and kind == "backward")
-                        cells.append(f"{frac:8.0%} ({n})")
-                lines.append(f"{N}x{C}x{H}x{H}".ljust(22) + f" {dtype:8s} {layout:6s} "
+                        t, frac, n = predict(rows, kind, N, C, H * H, 32, layout, dtype,
+                                             old_backward=old)
+                        cells.append(f"{frac:5.0%} ({n}) {t * 1e6:6.1f}us")
+                lines.append(f"{N}x{C}x{H}x{H}".ljust(16) + f" {dtype:8s} {layout:6s} "
                              + " ".join(cells))
     return "\n".join(lines)
 
@@ -285,7 +293,10 @@ def _specs(dtypes, only):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cc", type=int, nargs="+", default=[80, 90])
-    ap.add_argument("--dtype", nargs="+", default=["float16", "bfloat16", "float32", "float64"])
+    ap.add_argument("--dtype", nargs="+", default=["float16", "float32", "float64"],
+                    help="bfloat16 compiles to PTX but its conversions are calls into "
+                    "numba-cuda's bfloat16 shim, linked at load time: ptxas alone cannot "
+                    "assemble it, so it is not in the default list")
     ap.add_argument("--kernel", nargs="*", default=None)
     ap.add_argument("--shapes", action="store_true", help="predicted bandwidth per SD-UNet "
                     "shape (H100 SXM model, see predict)")
@@ -318,7 +329,12 @@ def main(argv=None):
     print(hdr)
     for spec in _specs(args.dtype, args.kernel):
         for cc in args.cc:
-            r = analyse(spec, cc)
+            try:
+                r = analyse(spec, cc)
+            except RuntimeError as e:  # e.g. bfloat16's unresolved shim functions
+                print(f"{spec['label']:34s} {spec['dtype']:7s} {cc:3d} not assembled: "
+                      f"{str(e).strip().splitlines()[-1][:80]}")
+                continue
             lp = r["loop"] or {}
             row = dict(kernel=spec["label"], dtype=spec["dtype"], cc=cc, **{k: v for k, v in
                        r.items() if k != "loop"}, loop=lp)

@@ -84,10 +84,14 @@ def test_against_reference(small, case):
 
 
 @device
-def test_selftest_run_reports_every_case(small):
+def test_selftest_run_reports_every_case(small, monkeypatch):
+    """run() reports a forward and a backward line per case, and an exception as a failed
+    line (the cases themselves are checked by test_against_reference)."""
+    monkeypatch.setattr(selftest, "CASES", selftest.CASES[:1] + [
+        ("broken", (2, 6, 5, 7), 4, np.float32, False, None)])  # C=6, G=4: ValueError
     results = selftest.run()
-    assert len(results) == 2 * len(selftest.CASES)
-    assert all(ok for _, ok, _ in results), results
+    assert [ok for _, ok, _ in results] == [True, True, False], results
+    assert "must be divisible by num_groups" in results[2][0]
 
 
 @device

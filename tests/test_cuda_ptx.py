@@ -63,8 +63,9 @@ def compile_ptx(spec, out_dtype=None):
         acc = "float64" if dt == "float64" else "float32"  # bfloat16 accumulates in float32
         ks = kernels.build(config.THREADS, config.ITEMS, config.FUSED_ITEMS, config.FLUSH, acc,
                            activations.code(act))
-        ptx, _ = cuda.compile_ptx(getattr(ks, name).py_func,
-                                  kernels.signatures(dt, out_dtype)[name], cc=cc)
+        k = getattr(ks, name)
+        ptx, _ = cuda.compile_ptx(k.py_func, kernels.signatures(dt, out_dtype)[name], cc=cc,
+                                  launch_bounds=k.targetoptions.get("launch_bounds"))
         _PTX[key] = ptx
     return _PTX[key]
 

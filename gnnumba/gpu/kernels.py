@@ -72,6 +72,13 @@ _device = cuda.jit(device=True, inline="always")
 # wraparound (5 integer instructions per access in the SASS of every hot loop). The cast is
 # free (same bits) and the indices are never negative.
 U = numba.uint64
+
+
+def _jit(**options):
+    """``cuda.jit`` with code-generation options, which the simulator does not take."""
+    if numba.config.ENABLE_CUDASIM:
+        return cuda.jit
+    return cuda.jit(**options)
 _act_forward = _device(activations.forward)
 _act_derivative = _device(activations.derivative)
 
@@ -178,7 +185,9 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
 
     # ------------------------------------------------------------------ forward
 
-    @cuda.jit
+    # At most 80 registers for float32 accumulation: 3 blocks of 256 threads per SM instead of
+    # 2 (ptxas chose 82-86), without spills; a float64 tile needs its registers.
+    @_jit(launch_bounds=(T, 3) if acc_name == "float32" and T == 256 else None)
     def fwd_fused_nchw(x, D, S, Cg, G, eps, w, b, has_w, has_b, y, mean, rstd):
         """grid (N*G,), block (T,). Whole group in registers: x read once."""
         s_a = cuda.shared.array(T, acc)
@@ -186,10 +195,11 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         v = cuda.local.array(KF, acc)
         tid = cuda.threadIdx.x
         ng = cuda.blockIdx.x
-        base = ng * D
+        xb = x[ng * D:ng * D + D]  # the group: indices below are group-relative
+        yb = y[ng * D:ng * D + D]
         for j in range(KF):  # all loads first
             i = j * T + tid
-            v[j] = acc(x[U(base + i)]) if i < D else acc(0)
+            v[j] = acc(xb[U(i)]) if i < D else acc(0)
         s = acc(0)
         for j in range(KF):
             s += v[j]
@@ -214,7 +224,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         for j in range(KF):
             if j * T + tid < D:
                 a, sh = coefficients(r, w, b, has_w, has_b, c)
-                y[U(base + j * T + tid)] = activate((v[j] - mu) * a + sh)
+                yb[U(j * T + tid)] = activate((v[j] - mu) * a + sh)
             so += ds
             c += dc
             if so >= S:
@@ -791,8 +801,10 @@ def sass_specs(dtypes=("float16", "bfloat16", "float32", "float64"), acts=None):
             for act_name, code in (acts if name in ACT_KERNELS else [(None, 0)]):
                 ks = build(config.THREADS, config.ITEMS, config.FUSED_ITEMS, config.FLUSH,
                            acc, code)
+                k = getattr(ks, name)
                 yield dict(kernel=name, label=name + (f"-{act_name}" if act_name else ""),
-                           dtype=dt, act=act_name, pyfunc=getattr(ks, name).py_func,
+                           dtype=dt, act=act_name, pyfunc=k.py_func,
+                           launch_bounds=k.targetoptions.get("launch_bounds"),
                            sig=signatures(dt)[name], threads=config.THREADS,
                            itemsize=8 if dt == "float64" else 4 if dt == "float32" else 2,
                            inputs=STREAMED_INPUTS.get(name, 1))

@@ -402,10 +402,17 @@ def _stream(stream):
     if stream is None or (isinstance(stream, int) and stream == 0):
         return 0
     if isinstance(stream, int):
-        return cuda.external_stream(stream)
+        return _external_stream(stream)
     if hasattr(stream, "cuda_stream"):
-        return cuda.external_stream(stream.cuda_stream)
+        return _external_stream(stream.cuda_stream)
     return stream
+
+
+@functools.lru_cache(maxsize=256)
+def _external_stream(handle: int):
+    """One Numba stream object per raw handle: creating one costs microseconds, and the
+    launchers cached by ``_launch`` are keyed by the stream object."""
+    return cuda.external_stream(handle)
 
 
 def _dev(a, name):
