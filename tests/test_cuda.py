@@ -84,10 +84,14 @@ def test_against_reference(small, case):
 
 
 @device
-def test_selftest_run_reports_every_case(small):
+def test_selftest_run_reports_every_case(small, monkeypatch):
+    """run() reports a forward and a backward line per case, and an exception as a failed
+    line (the cases themselves are checked by test_against_reference)."""
+    monkeypatch.setattr(selftest, "CASES", selftest.CASES[:1] + [
+        ("broken", (2, 6, 5, 7), 4, np.float32, False, None)])  # C=6, G=4: ValueError
     results = selftest.run()
-    assert len(results) == 2 * len(selftest.CASES)
-    assert all(ok for _, ok, _ in results), results
+    assert [ok for _, ok, _ in results] == [True, True, False], results
+    assert "must be divisible by num_groups" in results[2][0]
 
 
 @device
@@ -389,10 +393,14 @@ def test_constant_groups_are_exact(small, monkeypatch, cl, fused_items):
 @device
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("offset", [1e4, -3e5])
-def test_large_offsets_stay_accurate(small, cl, offset):
-    """x = offset + randn in float32 across several blocks and flushes: the shifted sums
-    keep the variance to float32 accuracy of the spread (E[x^2] - E[x]^2 would lose it)."""
-    x, dy, w, b = _case((2, 4, 9, 8), np.float32, seed=4, offset=offset, scale=1.0)
+@pytest.mark.parametrize("min_block", [16, 4096], ids=["blocks", "flushes"])
+def test_large_offsets_stay_accurate(small, monkeypatch, cl, offset, min_block):
+    """x = offset + randn in float32 across several blocks per group ("blocks"), or in one
+    block per group where each thread flushes its shifted sums several times ("flushes"):
+    the variance keeps float32 accuracy of the spread (E[x^2] - E[x]^2 would lose it)."""
+    if SIM:
+        monkeypatch.setattr(config, "MIN_BLOCK_ELEMS", min_block)
+    x, dy, w, b = _case((2, 4, 9, 16), np.float32, seed=4, offset=offset, scale=1.0)
     y, m, r = gc.group_norm_forward(_dev(x, cl), 2, _dev(w), _dev(b), 1e-5)
     yr, mr, rr = reference.forward(x, 2, w, b, 1e-5)
     np.testing.assert_allclose(_host(r), rr, rtol=2e-3)
@@ -448,4 +456,27 @@ def test_whole_tiles_and_tails(small, cl):
     dxr, dwr, dbr, dwnr, dbnr = selftest.reference_backward(dy, x, 2, w, b, 1e-5, "silu")
     for got, want, tol in [(y, yr, 1e-5), (r, rr, 1e-5), (dx, dxr, 1e-4), (dw, dwr, 1e-4),
                            (db, dbr, 1e-4), (dwn, dwnr, 1e-4), (dbn, dbnr, 1e-4)]:
+        assert _rel_err(got, want) <= tol
+
+
+@device
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_bfloat16_natively(small, cl):
+    """bfloat16 arrays (ml_dtypes) run the kernels directly, accumulating in float32: y and
+    dx are bfloat16, mean/rstd and the per-sample gradients float32."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    x, dy, w, b = _case((2, 6, 4, 5), np.float32, seed=8)
+    x, dy, w, b = (a.astype(bf16) for a in (x, dy, w, b))
+    xd, dyd, wd, bd = _dev(x, cl), _dev(dy, cl), _dev(w), _dev(b)
+    y, m, r = gc.group_norm_forward(xd, 3, wd, bd, 1e-5, activation="gelu")
+    dx, dw, db = gc.group_norm_backward(dyd, xd, m, r, 3, wd, bd, activation="gelu")
+    dwn, dbn = gc.per_sample_param_grads(dyd, xd, m, r, 3, wd, bd, activation="gelu")
+    assert _host(y).dtype == bf16 and _host(dx).dtype == bf16 and _host(m).dtype == np.float32
+    assert _host(dwn).dtype == np.float32
+    f = [a.astype(np.float64) for a in (x, dy, w, b)]
+    yr, mr, rr = selftest.reference_forward(f[0], 3, f[2], f[3], 1e-5, "gelu")
+    dxr, dwr, dbr, dwnr, dbnr = selftest.reference_backward(f[1], f[0], 3, f[2], f[3], 1e-5,
+                                                            "gelu")
+    for got, want, tol in [(y, yr, 1e-2), (m, mr, 1e-6), (r, rr, 1e-5), (dx, dxr, 2e-2),
+                           (dw, dwr, 2e-2), (dwn, dwnr, 1e-4), (dbn, dbnr, 1e-4)]:
         assert _rel_err(got, want) <= tol

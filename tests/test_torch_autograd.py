@@ -226,7 +226,25 @@ def test_hessian_vector_product():
     v = torch.randn_like(w)
 
     def hvp(f):
-        g = lambda w_: grad(lambda u: f(x, 2, u, b, activation="silu").pow(2).sum())(w_)  # noqa: E731
+        def g(w_):
+            return grad(lambda u: f(x, 2, u, b, activation="silu").pow(2).sum())(w_)
         return jvp(g, (w,), (v,))[1]
 
     _assert_same(_both(hvp))
+
+
+# --------------------------------------------------------------------------- Opacus modes
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("mode", ["functorch", "ew"])
+def test_opacus_transform_modes(mode, activation):
+    """The torch side of Opacus' "functorch" (vmap(grad)) and "ew" (ExpandedWeights, a
+    tensor subclass on the parameters) modes: per-sample gradients match micro-batches."""
+    utils = pytest.importorskip("opacus.utils.per_sample_gradients_utils")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), gt.GroupNorm(4, 8, activation=activation),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 5 * 5, 2))
+    x = torch.randn(4, 3, 7, 7)
+    assert utils.check_per_sample_gradients_are_correct(x, model, grad_sample_mode=mode,
+                                                        atol=1e-5, rtol=1e-4)

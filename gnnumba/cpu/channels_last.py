@@ -29,44 +29,68 @@ def blocking(S, C, block):
 # --------------------------------------------------------------------------- statistics
 
 
+# Positions summed into the per-channel accumulators in x's dtype before they are added into
+# float64 ones: bounds the float32 rounding error of a block sum to FLUSH additions (a float32
+# sum over all 4096 positions of a block gave wrong, even negative, variances for offsets
+# near 1e4).
+FLUSH = 128
+
+
 @njit(inline="always")
-def _block_stats(xb, Cg, pm, pq, acc, acc2, mc):
-    """Per-group (mean, M2) of one block (positions, C) into pm[g], pq[g]: the corrected
-    two-pass algorithm of ``stats.chunk_stats`` with per-channel accumulators in x's dtype,
-    vectorised along C (the block stays in L2 between passes). ``acc``, ``acc2``, ``mc`` are
-    (C,) scratch rows in x's compute dtype."""
+def _block_stats(xb, Cg, pm, pq, sc, sc64):
+    """Per-group (mean, M2) of one block (positions, C) into pm[g], pq[g]: the shifted,
+    corrected two-pass algorithm of ``stats.chunk_stats`` with per-channel accumulators,
+    vectorised along C (the block stays in L2 between passes). The shift is the group's first
+    element in the block, so a constant group sums exact zeros and gets variance 0.
+    ``sc``: (4, C) scratch in x's compute dtype, ``sc64``: (2, C) float64 scratch."""
     P, C = xb.shape
     G = C // Cg
-    acc[:] = 0
-    for s in range(P):
-        xr = xb[s]
+    acc, acc2, mc, kc = sc[0], sc[1], sc[2], sc[3]
+    s64, q64 = sc64[0], sc64[1]
+    x0 = xb[0]
+    for c in range(C):
+        kc[c] = load(x0, c - c % Cg)
+    s64[:] = 0.0
+    for f in range(0, P, FLUSH):
+        acc[:] = 0
+        for s in range(f, min(f + FLUSH, P)):
+            xr = xb[s]
+            for c in range(C):
+                acc[c] += load(xr, c) - kc[c]
         for c in range(C):
-            acc[c] += load(xr, c)
+            s64[c] += acc[c]
     for g in range(G):
-        mc[g * Cg:(g + 1) * Cg] = acc[g * Cg:(g + 1) * Cg].sum(dtype=np.float64) / (P * Cg)
-    acc[:] = 0
-    acc2[:] = 0
-    for s in range(P):
-        xr = xb[s]
+        mc[g * Cg:(g + 1) * Cg] = kc[g * Cg] + s64[g * Cg:(g + 1) * Cg].sum() / (P * Cg)
+    s64[:] = 0.0
+    q64[:] = 0.0
+    for f in range(0, P, FLUSH):
+        acc[:] = 0
+        acc2[:] = 0
+        for s in range(f, min(f + FLUSH, P)):
+            xr = xb[s]
+            for c in range(C):
+                d = load(xr, c) - mc[c]
+                acc[c] += d
+                acc2[c] += d * d
         for c in range(C):
-            d = load(xr, c) - mc[c]
-            acc[c] += d
-            acc2[c] += d * d
+            s64[c] += acc[c]
+            q64[c] += acc2[c]
+    n = P * Cg
     for g in range(G):
-        n = P * Cg
-        d1 = acc[g * Cg:(g + 1) * Cg].sum(dtype=np.float64)
+        d1 = s64[g * Cg:(g + 1) * Cg].sum()
         pm[g] = mc[g * Cg] + d1 / n
-        pq[g] = acc2[g * Cg:(g + 1) * Cg].sum(dtype=np.float64) - d1 * d1 / n
+        m2 = q64[g * Cg:(g + 1) * Cg].sum() - d1 * d1 / n
+        pq[g] = 0.0 if m2 < 0 else m2  # rounding can make it slightly negative; NaN stays
 
 
 @njit(inline="always")
-def _stats_task(t, x3, sb, nb, Cg, pm, pq, scratch):
+def _stats_task(t, x3, sb, nb, Cg, pm, pq, scratch, scratch64):
     n = t // nb
     k = t - n * nb
     s0 = k * sb
-    sc = scratch[t]  # this task's own rows: no allocation inside the parallel loop
-    _block_stats(x3[n, s0:min(s0 + sb, x3.shape[1])], Cg, pm[n, k], pq[n, k], sc[0], sc[1],
-                 sc[2])
+    # this task's own scratch rows: no allocation inside the parallel loop
+    _block_stats(x3[n, s0:min(s0 + sb, x3.shape[1])], Cg, pm[n, k], pq[n, k], scratch[t],
+                 scratch64[t])
 
 
 @njit(inline="always")
@@ -111,9 +135,10 @@ def fwd(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
     sb, nb = blocking(S, C, block)
     pm = np.empty((N, nb, G))
     pq = np.empty((N, nb, G))
-    scratch = np.empty((N * nb, 3, C), dtype=coef.dtype)  # x's compute dtype
+    scratch = np.empty((N * nb, 4, C), dtype=coef.dtype)  # x's compute dtype
+    scratch64 = np.empty((N * nb, 2, C))
     for t in prange(N * nb):
-        _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch)
+        _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch, scratch64)
     for ng in prange(N * G):
         _merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
     for t in prange(N * nb):
@@ -128,9 +153,10 @@ def fwd_serial(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
     sb, nb = blocking(S, C, block)
     pm = np.empty((N, nb, G))
     pq = np.empty((N, nb, G))
-    scratch = np.empty((N * nb, 3, C), dtype=coef.dtype)
+    scratch = np.empty((N * nb, 4, C), dtype=coef.dtype)
+    scratch64 = np.empty((N * nb, 2, C))
     for t in range(N * nb):
-        _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch)
+        _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch, scratch64)
     for ng in range(N * G):
         _merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
     for t in range(N * nb):

@@ -26,7 +26,12 @@ from numba.core.errors import NumbaPerformanceWarning
 from .. import _checks, activations
 from . import config, kernels
 
-DTYPES = (np.float16, np.float32, np.float64)
+try:  # numba-cuda types arrays of ml_dtypes.bfloat16 as __nv_bfloat16 (sm_80+)
+    from ml_dtypes import bfloat16 as BFLOAT16
+except ImportError:  # pragma: no cover - ml_dtypes comes with numba-cuda's dependencies
+    BFLOAT16 = None
+
+DTYPES = (np.float16, np.float32, np.float64) + ((BFLOAT16,) if BFLOAT16 is not None else ())
 NCHW, CL = "nchw", "cl"
 
 # Under NUMBA_ENABLE_CUDASIM=1 device arrays are FakeCUDAArray objects wrapping NumPy arrays
@@ -111,10 +116,10 @@ class DevArray:
 
 
 def _bf16_message(name, err):
-    return (f"{name} could not be read through __cuda_array_interface__ ({err}). bfloat16 "
-            f"is not supported by the Numba CUDA kernels (numba-cuda has a bfloat16 scalar "
-            f"type but no bfloat16 arrays); use float16 or float32, or gnnumba.torch, which "
-            f"converts bfloat16 for you")
+    return (f"{name} could not be read through __cuda_array_interface__ ({err}): the "
+            f"interface has no bfloat16 type. The kernels take bfloat16 as Numba device "
+            f"arrays of ml_dtypes.bfloat16 (sm_80+); pass one of those, or use "
+            f"gnnumba.torch, which hands torch bfloat16 tensors over itself")
 
 
 def _c_strides(shape):
@@ -387,10 +392,6 @@ def _launch(ks, name, grid, block, stream, *args):
     launcher(*args)
 
 
-def _has(a):
-    return a is not None
-
-
 # --------------------------------------------------------------------------- validation
 
 
@@ -401,10 +402,17 @@ def _stream(stream):
     if stream is None or (isinstance(stream, int) and stream == 0):
         return 0
     if isinstance(stream, int):
-        return cuda.external_stream(stream)
+        return _external_stream(stream)
     if hasattr(stream, "cuda_stream"):
-        return cuda.external_stream(stream.cuda_stream)
+        return _external_stream(stream.cuda_stream)
     return stream
+
+
+@functools.lru_cache(maxsize=256)
+def _external_stream(handle: int):
+    """One Numba stream object per raw handle: creating one costs microseconds, and the
+    launchers cached by ``_launch`` are keyed by the stream object."""
+    return cuda.external_stream(handle)
 
 
 def _dev(a, name):
@@ -420,6 +428,11 @@ def check_x(x):
     xa = _dev(x, "x")
     _checks.check_dtype(xa.dtype, DTYPES, "x")
     _checks.check_ndim(xa.shape)
+    if BFLOAT16 is not None and xa.dtype == BFLOAT16 and not SIMULATOR:
+        cc = cuda.get_current_device().compute_capability
+        if cc < (8, 0):
+            raise TypeError(f"bfloat16 needs a GPU of compute capability 8.0 or newer, this "
+                            f"one is {cc[0]}.{cc[1]}; cast x to float32 (x.astype(np.float32))")
     return xa
 
 

@@ -11,9 +11,12 @@ per tensor at every size (2.00 vs 0.60 us at 1x32x8x8 and at 8x256x64x64, float3
 NumPy has no bfloat16 and Numba's CPU target no float16, so half tensors are handed over as
 integer views of their bits (``gnnumba.cpu.HALF_BITS``) and converted in registers.
 
-CUDA: torch tensors go to ``gnnumba.gpu.launch`` (``__cuda_array_interface__``), outputs
-preallocated by torch's caching allocator, work enqueued on torch's current stream; bfloat16
-is upcast to float32 (the interface has no bfloat16 type).
+CUDA: torch tensors go to ``gnnumba.gpu.launch`` (``__cuda_array_interface__``, which
+carries torch's current stream; the kernels are enqueued on that stream, no host sync),
+outputs preallocated by torch's caching allocator. bfloat16 has no type in that interface:
+where the CUDA kernels take bfloat16 (``launch.BFLOAT16``, sm_80+) the tensor's bits are
+handed over as a Numba array of ``ml_dtypes.bfloat16`` (zero-copy); otherwise it is upcast
+to float32.
 
 Layout: NCHW-contiguous and channels-last (memory order N, spatial..., C, what
 ``torch.channels_last`` gives) are used as they are and the output keeps the layout; any other
@@ -25,6 +28,7 @@ work.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -290,14 +294,44 @@ def _torch_allocator(device: torch.device):
 
 def _cuda_param(p: Optional[Tensor], dtype: torch.dtype):
     """launch_* want parameters in x's dtype and contiguous."""
-    return None if p is None else p.detach().to(dtype).contiguous()
+    return None if p is None else _cuda_array(p.detach().to(dtype).contiguous())
+
+
+def _bf16_native(launch, x: Tensor) -> bool:
+    """The CUDA kernels take bfloat16 for x's device (the simulator: always)."""
+    if getattr(launch, "BFLOAT16", None) is None:
+        return False
+    return getattr(launch, "SIMULATOR", False) or _capability(x.device.index) >= (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def _cuda_array(t: Tensor):
+    """What launch_* take for a tensor: the tensor itself (``__cuda_array_interface__``), or,
+    for bfloat16, a zero-copy Numba array of ``ml_dtypes.bfloat16`` over its bits."""
+    if t.dtype is not torch.bfloat16:
+        return t
+    from ..gpu import launch
+
+    bits = t.view(torch.int16)
+    if getattr(launch, "SIMULATOR", False):  # tests: CPU tensors stand in for CUDA ones
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(bits.numpy().view(launch.BFLOAT16))
+    from numba import cuda
+
+    return cuda.as_cuda_array(bits, sync=False).view(launch.BFLOAT16)
 
 
 def _cuda_forward(x: Tensor, G: int, weight, bias, eps: float, act: int):
-    if x.dtype not in _CUDA_NATIVE:
+    from ..gpu import launch  # lazy: numba-cuda is an optional extra
+
+    if x.dtype not in _CUDA_NATIVE and not _bf16_native(launch, x):
         y, mean, rstd = _cuda_forward(x.float(), G, weight, bias, eps, act)
         return y.to(x.dtype), mean, rstd
-    from ..gpu import launch  # lazy: numba-cuda is an optional extra
 
     x, cl = in_fast_layout(x.detach())
     y = empty_like_layout(x, cl)
@@ -306,19 +340,21 @@ def _cuda_forward(x: Tensor, G: int, weight, bias, eps: float, act: int):
     mean = x.new_empty((x.shape[0], G), dtype=_cuda_stats_dtype(x))
     rstd = torch.empty_like(mean)
     with _on_device(x.device), launch.workspace_allocator(_torch_allocator(x.device)):
-        launch.launch_forward(x, G, _cuda_param(weight, x.dtype), _cuda_param(bias, x.dtype),
-                              eps, _ACTIVATION_NAME[act], y, mean, rstd,
+        launch.launch_forward(_cuda_array(x), G, _cuda_param(weight, x.dtype),
+                              _cuda_param(bias, x.dtype), eps, _ACTIVATION_NAME[act],
+                              _cuda_array(y), mean, rstd,
                               stream=_numba_stream(x.device))
     return y, mean, rstd
 
 
 def _cuda_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bias,
                    act: int, per_sample: bool):
-    if x.dtype not in _CUDA_NATIVE:
+    from ..gpu import launch
+
+    if x.dtype not in _CUDA_NATIVE and not _bf16_native(launch, x):
         dx, dw, db = _cuda_backward(dy.float(), x.float(), mean, rstd, weight, bias, act,
                                     per_sample)
         return dx.to(x.dtype), dw, db
-    from ..gpu import launch
 
     x, cl = in_fast_layout(x.detach())
     dy = in_layout(dy.detach().to(x.dtype), cl)
@@ -334,10 +370,12 @@ def _cuda_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bi
     dweight = x.new_empty(C)
     dbias = x.new_empty(C)
     with _on_device(x.device), launch.workspace_allocator(_torch_allocator(x.device)):
-        launch.launch_backward(dy, x, mean.detach().to(sdt).contiguous(),
+        launch.launch_backward(_cuda_array(dy), _cuda_array(x),
+                               mean.detach().to(sdt).contiguous(),
                                rstd.detach().to(sdt).contiguous(), mean.shape[1],
                                _cuda_param(weight, x.dtype), _cuda_param(bias, x.dtype),
-                               _ACTIVATION_NAME[act], dx, dweight_n, dbias_n, dweight, dbias,
+                               _ACTIVATION_NAME[act], _cuda_array(dx), dweight_n, dbias_n,
+                               _cuda_array(dweight), _cuda_array(dbias),
                                stream=_numba_stream(x.device))
     if per_sample:
         return dx, dweight_n, dbias_n
