@@ -157,11 +157,11 @@ def take(a, name: str):
 
 
 # dtype -> name without ``np.dtype.name`` (pure Python in NumPy, ~4 us a call)
-_NAMES = {np.dtype(t): np.dtype(t).name for t in (np.float32, np.float64, np.float16)}
+NAMES = {np.dtype(t): np.dtype(t).name for t in (np.float32, np.float64, np.float16)}
 
 
 def _numpy_dtype(a: np.ndarray, name: str) -> str:
-    dtype_name = _NAMES.get(a.dtype)
+    dtype_name = NAMES.get(a.dtype)
     if dtype_name is not None:
         return dtype_name
     if not a.dtype.isnative and a.dtype.kind == "f":

@@ -135,7 +135,7 @@ def _is_empty(shape) -> bool:
 def _stats(a64: np.ndarray, acc: np.dtype, kind):
     """mean/rstd (float64 from the kernels) in the accumulation dtype, as x's kind."""
     a = a64.astype(acc, copy=False)
-    return kind.wrap(a, "float64" if acc == np.float64 else "float32")
+    return kind.wrap(a, _arrays.NAMES[acc])
 
 
 # --------------------------------------------------------------------------- forward
