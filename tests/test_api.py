@@ -301,3 +301,10 @@ def test_any_dlpack_producer_is_read_in_place(monkeypatch):
     assert seen["x"] == t.data_ptr()
     assert type(y) is np.ndarray and mean.dtype == np.float32
     assert np.array_equal(y, gnnumba.group_norm(t.numpy(), 4))
+
+
+def test_float16_from_an_unknown_dlpack_producer():
+    t = torch.from_numpy(cases.inputs((2, 4, 6), np.float32)[0]).half()
+    y = gnnumba.group_norm(_DLPackOnly(t), 2)
+    assert type(y) is np.ndarray and y.dtype == np.float16
+    assert np.array_equal(y, gnnumba.group_norm(t, 2).numpy())
