@@ -192,10 +192,10 @@ def _out(out, x, dtype, kind, channels_last, params):
     """The storage ``y`` is written to: a new array in x's layout, or ``out`` checked."""
     if out is None:
         return _empty_like_layout(x, channels_last, aligned=kind.aligned)
+    o, o_dtype, _ = _take(out, "out", kind)
     if not kind.writeable:
         raise TypeError(f"out cannot be a {kind.name} array: {kind.name} arrays are immutable; "
                         f"leave out=None and use the returned array")
-    o, o_dtype, _ = _take(out, "out", kind)
     _checks.check_same_shape("out", o.shape, x.shape)
     if o_dtype != dtype:
         raise TypeError(f"out has dtype {o_dtype} but x has dtype {dtype}; "
