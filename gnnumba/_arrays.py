@@ -236,8 +236,10 @@ def _take_dlpack(a, name):
     try:
         arr = np.from_dlpack(a)
     except (BufferError, RuntimeError, TypeError, ValueError) as e:
+        dtype = getattr(a, "dtype", None)  # most producers name it; DLPack's error does not
+        what = f"dtype {dtype}" if dtype is not None else "a DLPack dtype"
         raise TypeError(
-            f"{name} ({type(a).__name__}) has a DLPack dtype NumPy cannot read ({e}); "
+            f"{name} ({type(a).__name__}) has {what}, which NumPy cannot read ({e}); "
             f"supported: float32, float64 (float16/bfloat16 from torch and JAX)"
         ) from None
     return arr, _numpy_dtype(arr, name), _other_kind(a)

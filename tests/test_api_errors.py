@@ -35,6 +35,14 @@ class _DLPackOnly:
         return self._device
 
 
+class _Named(_DLPackOnly):
+    """A DLPack producer that also says its dtype."""
+
+    @property
+    def dtype(self):
+        return self._t.dtype
+
+
 def _cases():
     x, w, b, dy, mean, rstd = _arrays()
     t = torch.from_numpy(x)
@@ -67,8 +75,10 @@ def _cases():
          lambda: bwd(t, t, torch.from_numpy(mean).half(), torch.from_numpy(rstd), G)),
         ("mixed dtypes torch", TypeError, "mixed dtypes",
          lambda: fwd(t, G, torch.from_numpy(w).double())),
-        ("unreadable DLPack dtype", TypeError, "DLPack dtype NumPy cannot read",
+        ("unreadable DLPack dtype", TypeError, "has a DLPack dtype, which NumPy cannot read",
          lambda: fwd(_DLPackOnly(t.bfloat16()), G)),
+        ("unreadable named dtype", TypeError, "has dtype torch.bfloat16, which NumPy cannot",
+         lambda: fwd(_Named(t.bfloat16()), G)),
         # kinds
         ("torch x, numpy weight", TypeError, "weight is a numpy array but x is a torch array",
          lambda: fwd(t, G, w)),
