@@ -24,6 +24,7 @@ from . import _arrays, _checks, activations, cpu
 NUMPY_DTYPES = ("float32", "float64")
 DLPACK_DTYPES = NUMPY_DTYPES + _arrays.HALF
 STATS_DTYPES = ("float32", "float64")
+_NUMPY_NAMES = {np.dtype(d): d for d in NUMPY_DTYPES}
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -43,6 +44,10 @@ def _cuda_backend():
 def _take(a, name, x_kind=None):
     """(NumPy storage view, dtype name, kind) of a CPU argument, refusing another kind
     than x's and any dtype its kind does not bring."""
+    if type(a) is np.ndarray and (x_kind is None or x_kind is _arrays.NUMPY):
+        dtype = _NUMPY_NAMES.get(a.dtype)  # the common case in one lookup
+        if dtype is not None:
+            return a, dtype, _arrays.NUMPY
     storage, dtype, kind = _arrays.take(a, name)
     if x_kind is not None:
         _arrays.same_kind(kind, x_kind, name)
