@@ -38,29 +38,8 @@ SHAPES = [
 ]
 
 
-def _supported(activation) -> bool:
-    """Whether gnnumba's kernels and the float64 reference both compute this activation yet
-    (relu/gelu land with the activation table). Until then its tests are reported as
-    expected failures (x/X), never as passes: the kernel and the reference may both still
-    ignore it and agree."""
-    if activation is None:
-        return True
-    import gnnumba
-
-    z = np.linspace(-3, 3, 24).reshape(1, 2, 12)
-    plain = reference.forward(z, 1)[0]
-    want = activations.numpy_forward(activation, plain)
-    return (np.allclose(gnnumba.group_norm(z, 1, activation=activation), want, atol=1e-12)
-            and np.allclose(reference.forward(z, 1, activation=activation)[0], want))
-
-
-def _activation_params():
-    return [a if _supported(a) else pytest.param(a, marks=pytest.mark.xfail(
-        reason=f"gnnumba's kernels or reference do not compute activation={a!r} yet"))
-        for a in activations.NAMES]
-
-
-ACTIVATIONS = _activation_params()
+# every activation of the table, in every test that takes one
+ACTIVATIONS = list(activations.NAMES)
 
 
 def _channels_last(a):
@@ -329,42 +308,9 @@ def test_opacus_conv2d_channels_last_trap_warns_once(monkeypatch):
                     "drop dp.grad_sampler's channels_last warning")
 
 
-def _torch_func_supported() -> bool:
-    """Whether gnnumba.torch works under torch.func transforms (what Opacus' "functorch"
-    and "ew" modes need; the torch bridge gains it with its setup_context/vmap support)."""
-    try:
-        torch.func.vmap(lambda t: GroupNorm(2, 4)(t))(torch.randn(2, 3, 4, 5))
-        return True
-    except RuntimeError:
-        return False
-
-
-def _expanded_weights_supported() -> bool:
-    """Whether gnnumba.torch.GroupNorm runs with torch's ExpandedWeight parameters (what
-    Opacus' "ew" mode wraps the parameters in)."""
-    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
-
-    try:
-        call_for_per_sample_grads(GroupNorm(2, 4))(torch.randn(3, 4, 5)).sum().backward()
-        return True
-    except RuntimeError:
-        return False
-
-
-_NEEDS_FUNC = pytest.mark.xfail(
-    not _torch_func_supported(), strict=True,
-    reason="gnnumba.torch does not support torch.func (vmap) yet: Opacus raises 'In order to "
-           "use an autograd.Function with functorch transforms ... it must override the "
-           "setup_context staticmethod'")
-_NEEDS_EW = pytest.mark.xfail(
-    not _expanded_weights_supported(), strict=True,
-    reason="gnnumba.torch does not run with ExpandedWeight parameters yet: torch raises "
-           "'Expanded Weights encountered but cannot handle function dim' (the bridge's "
-           "parameter check calls weight.dim())")
-
-
-@pytest.mark.parametrize("mode", ["hooks", pytest.param("functorch", marks=_NEEDS_FUNC),
-                                  pytest.param("ew", marks=_NEEDS_EW)])
+# "functorch" runs vmap(grad) over the module (gnnumba.torch's torch.func rules), "ew" wraps
+# the parameters in torch's ExpandedWeight; "hooks" calls dp's registered sampler
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_opacus_check_every_grad_sample_mode(mode, activation):
     torch.manual_seed(0)
