@@ -84,3 +84,21 @@ def test_result_independent_of_thread_count():
     (t1, h1), (t2, h2) = (line.split() for line in proc.stdout.split("\n")[:2])
     assert (t1, t2) == ("1", "2")
     assert h1 == h2
+
+
+def test_import_without_any_cache_location_compiles_in_memory():
+    """A read-only install with no home directory has no place for Numba's cache; import
+    gnnumba used to raise "cannot cache function ...: no locator available". Simulated by
+    removing every cache locator before the import."""
+    script = textwrap.dedent("""
+        from numba.core import caching
+        caching.CacheImpl._locator_classes = []
+        import numpy as np, gnnumba
+        from gnnumba.cpu import compile
+        y = gnnumba.group_norm(np.ones((2, 4, 3), np.float32), 2)
+        print(compile.CACHE, float(y.sum()))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "0.0"]

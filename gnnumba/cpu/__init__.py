@@ -20,12 +20,11 @@ depend on the number of threads, and every path of one layout gives the same bit
 from __future__ import annotations
 
 import functools
-import os
 
 import numba
 import numpy as np
 
-from .. import config
+from .. import _threading, config
 from . import channels_last as _cl
 from . import nchw as _nchw
 from .stats import reduce_params as _reduce_params
@@ -36,34 +35,12 @@ __all__ = ["HALF_BITS", "compute_dtype", "forward", "backward", "per_sample_para
 
 # --------------------------------------------------------------------------- threads
 
-# GNU OpenMP (Numba's "omp" layer, picked when TBB is absent) cannot run in a child forked
-# after the parent used it: the child is terminated ("fork() called from a process already
-# using GNU OpenMP"). torch DataLoader workers are such children, so there every call takes
-# the serial kernels, which give the same bits.
-_PARALLEL_SAFE = True
-_PARENT_USED_OMP = False
-
-
-def _before_fork():
-    global _PARENT_USED_OMP
-    try:
-        _PARENT_USED_OMP = numba.threading_layer() == "omp"
-    except ValueError:  # no parallel region has run yet: nothing to inherit
-        _PARENT_USED_OMP = False
-
-
-def _after_fork_in_child():
-    global _PARALLEL_SAFE
-    _PARALLEL_SAFE = _PARALLEL_SAFE and not _PARENT_USED_OMP
-
-
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
-
 
 def run_serially(x_size: int) -> bool:
     """Small inputs (below torch's grain size, 32768 elements: waking the pool costs more than
-    the work, and a busy core would stall the call) and forked children of OpenMP users."""
-    return x_size < config.CPU_SERIAL_MAX_ELEMENTS or not _PARALLEL_SAFE
+    the work, and a busy core would stall the call), and every forked child (GNU OpenMP is
+    not fork-safe; see ``gnnumba._threading``)."""
+    return x_size < config.CPU_SERIAL_MAX_ELEMENTS or not _threading.parallel_allowed()
 
 
 def choose_path(x_size: int, num_groups_total: int, group_bytes: int) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from .activation import NONE, derivative, forward
+from .compile import kernel
 from .stats import merge, rstd_of, set_coefs, set_dx_coefs
 from .storage import load, store
 
@@ -128,7 +129,7 @@ def _apply_task(t, x3, y3, sb, nb, coef, one, act):
             store(yr, c, forward(act, (load(xr, c) - m[c]) * sc[c] + sh[c], one))
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@kernel(parallel=True)
 def fwd(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
     N, S, C = x3.shape
     G = mean.shape[1]
@@ -145,7 +146,7 @@ def fwd(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
         _apply_task(t, x3, y3, sb, nb, coef, one, act)
 
 
-@njit(cache=True, error_model="numpy")
+@kernel()
 def fwd_serial(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
     """``fwd`` on the calling thread (small inputs)."""
     N, S, C = x3.shape
@@ -219,7 +220,7 @@ def _reduce_task(ng, p, rstd, dweight_ps, dbias_ps):
         dweight_ps[n, c] = s2 * r
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@kernel(parallel=True)
 def sums(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef):
     N, S, C = x3.shape
     sb, nb = blocking(S, C, block)
@@ -232,7 +233,7 @@ def sums(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef)
         _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
 
 
-@njit(cache=True, error_model="numpy")
+@kernel()
 def sums_serial(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef):
     N, S, C = x3.shape
     sb, nb = blocking(S, C, block)
@@ -279,7 +280,7 @@ def _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3):
             store(dxr, c, a[c] * v + k1[c] * d + k0[c])
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@kernel(parallel=True)
 def bwd(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbias_ps, coef):
     N, S, C = x3.shape
     sb, nb = blocking(S, C, block)
@@ -295,7 +296,7 @@ def bwd(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbias_ps, c
         _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3)
 
 
-@njit(cache=True, error_model="numpy")
+@kernel()
 def bwd_serial(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbias_ps, coef):
     """``bwd`` on the calling thread (small inputs)."""
     N, S, C = x3.shape

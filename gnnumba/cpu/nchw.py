@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from .activation import NONE, derivative, forward
+from .compile import kernel
 from .stats import (chunk_stats, group_stats, merge, row_sums, rstd_of, set_coefs,
                     set_dx_coefs)
 from .storage import load, store
@@ -55,13 +56,13 @@ def _fwd_group(t, x2, x3, w, b, eps, act, one, chunk, y3, mean, rstd, coef):
         _apply_row(x3[n, c], y3[n, c], coef[n, 0, c], coef[n, 1, c], coef[n, 2, c], one, act)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@kernel(parallel=True)
 def fwd_fused(x2, x3, w, b, eps, act, one, chunk, y3, mean, rstd, coef):
     for t in prange(x2.shape[0]):
         _fwd_group(t, x2, x3, w, b, eps, act, one, chunk, y3, mean, rstd, coef)
 
 
-@njit(cache=True, error_model="numpy")
+@kernel()
 def fwd_serial(x2, x3, w, b, eps, act, one, chunk, y3, mean, rstd, coef):
     """The fused kernel on the calling thread, for inputs too small to pay for waking the
     thread pool (or for waiting on a core another process holds)."""
@@ -69,7 +70,7 @@ def fwd_serial(x2, x3, w, b, eps, act, one, chunk, y3, mean, rstd, coef):
         _fwd_group(t, x2, x3, w, b, eps, act, one, chunk, y3, mean, rstd, coef)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@kernel(parallel=True)
 def fwd_split(x2, x3, w, b, eps, act, one, chunk, y3, mean, rstd, coef):
     N, C, S = x3.shape
     G = mean.shape[1]
@@ -177,19 +178,19 @@ def _split_coef_task(ng, mean, rstd, w, b, coef):
     set_coefs(coef, n, g, coef.shape[2] // G, mean[n, g], rstd[n, g], w, b)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@kernel(parallel=True)
 def sums_fused(dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias_ps, coef):
     for t in prange(mean.size):
         _group_sums(t, dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias_ps, coef)
 
 
-@njit(cache=True, error_model="numpy")
+@kernel()
 def sums_serial(dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias_ps, coef):
     for t in range(mean.size):
         _group_sums(t, dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias_ps, coef)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@kernel(parallel=True)
 def sums_split(dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias_ps, coef):
     N, C, S = x3.shape
     p = np.empty((N * C, (S + chunk - 1) // chunk, 2))
@@ -236,14 +237,14 @@ def _bwd_group(t, dy3, x3, mean, rstd, w, b, act, one, chunk, dx3, dweight_ps, d
         _dx_chunk(dy3, x3, dx3, coef, n, c, 0, S, one, act)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@kernel(parallel=True)
 def bwd_fused(dy3, x3, mean, rstd, w, b, act, one, chunk, dx3, dweight_ps, dbias_ps, coef):
     for t in prange(mean.size):
         _bwd_group(t, dy3, x3, mean, rstd, w, b, act, one, chunk, dx3, dweight_ps, dbias_ps,
                    coef)
 
 
-@njit(cache=True, error_model="numpy")
+@kernel()
 def bwd_serial(dy3, x3, mean, rstd, w, b, act, one, chunk, dx3, dweight_ps, dbias_ps, coef):
     """The fused backward on the calling thread, for small inputs."""
     for t in range(mean.size):
@@ -251,7 +252,7 @@ def bwd_serial(dy3, x3, mean, rstd, w, b, act, one, chunk, dx3, dweight_ps, dbia
                    coef)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@kernel(parallel=True)
 def bwd_split(dy3, x3, mean, rstd, w, b, act, one, chunk, dx3, dweight_ps, dbias_ps, coef):
     N, C, S = x3.shape
     G = mean.shape[1]

@@ -16,6 +16,7 @@ import numpy as np
 from numba import carray, njit
 
 from .activation import NONE, derivative
+from .compile import kernel
 from .storage import cast, load, stack_zeros
 
 # Strict IEEE arithmetic everywhere (no fast-math flags): a result then depends only on the
@@ -153,7 +154,7 @@ def row_sums(dyr, xr, m, a, c0, one, act):
     return s1, s2
 
 
-@njit(cache=True, error_model="numpy")
+@kernel()
 def reduce_params(dweight_per_sample, dbias_per_sample, dweight, dbias):
     """dweight[c] = sum_n dweight_per_sample[n, c] (and dbias alike), in order of n. Serial:
     N*C numbers, less work than waking the thread pool."""
