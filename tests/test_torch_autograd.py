@@ -149,9 +149,14 @@ def _assert_same(pair):
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_vmap_folds_into_batch(layout):
     x = torch.randn(4, 2, 6, 3, dtype=torch.float64)  # vmapped dim of size 4 over (2, 6, 3)
+    if layout == "cl":  # each (2, 6, 3) slice channels-last in memory
+        x = x.movedim(2, -1).contiguous().movedim(-1, 2)
     _, w, b = inputs((2, 6, 3))
     _assert_same(_both(lambda f: vmap(lambda t: f(t, 3, w, b, activation="silu"))(x)))
     _assert_same(_both(lambda f: vmap(lambda t: f(t, 3, w, b), in_dims=1)(x.movedim(0, 1))))
+    # folded: the same bits as one call on the (B*N, C, ...) batch
+    folded = gt.group_norm(x.reshape(8, 6, 3), 3, w, b).reshape(4, 2, 6, 3)
+    assert torch.equal(vmap(lambda t: gt.group_norm(t, 3, w, b))(x), folded)
 
 
 def test_vmap_runs_the_kernels_once_on_the_folded_batch(monkeypatch):

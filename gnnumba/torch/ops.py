@@ -125,6 +125,7 @@ class _Plan(NamedTuple):
     empty: bool         # no elements
     small: bool         # output below cpu.empty's pre-faulting size: plain np.empty
     param_dtype: torch.dtype  # torch dtype of the compute dtype (parameters taken as they are)
+    bits: Optional[torch.dtype]  # half types: the integer dtype their bits are viewed as
     to_logical: Optional[tuple]  # channels-last: axes from memory order to (N, C, *spatial)
     to_memory: Optional[tuple]   # and back
 
@@ -154,21 +155,17 @@ def _plan(x: Tensor, G: int) -> _Plan:
             compute=compute, mem_shape=mem_shape(shape, cl),
             mem3=(N, S, C) if cl else (N, C, S), empty=N * C * S == 0,
             small=N * C * S * storage.itemsize < config.CPU_PREFAULT_MIN_BYTES,
-            param_dtype=_TORCH_OF[compute],
+            param_dtype=_TORCH_OF[compute], bits=_BITS_VIEW.get(x.dtype),
             to_logical=(0, nd - 1) + tuple(range(1, nd - 1)) if cl else None,
             to_memory=(0,) + tuple(range(2, nd)) + (1,) if cl else None)
     return plan
 
 
-def _np_view(t: Tensor) -> np.ndarray:
-    """Zero-copy NumPy view of a CPU tensor that needs no grad (half types: their bits)."""
-    return t.view(_BITS_VIEW[t.dtype]).numpy() if t.dtype in _HALF else t.numpy()
-
-
 def _np3(t: Tensor, p: _Plan) -> np.ndarray:
-    """(N, C, S) view of an NCHW tensor, or (N, S, C) of a channels-last one. The memory-order
-    array is C-contiguous, so NumPy reshapes it without copying."""
-    a = _np_view(t)
+    """(N, C, S) view of an NCHW tensor, or (N, S, C) of a channels-last one, zero-copy (half
+    types: their bits). The memory-order array is C-contiguous, so NumPy reshapes it without
+    copying. ``t`` needs no grad."""
+    a = t.view(p.bits).numpy() if p.bits is not None else t.numpy()
     return (a.transpose(p.to_memory) if p.cl else a).reshape(p.mem3)
 
 
@@ -182,7 +179,7 @@ def _cpu_out(p: _Plan, dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
     a = np.empty(p.mem_shape, p.storage) if p.small else cpu.empty(p.mem_shape, p.storage)
     a3 = a.reshape(p.mem3)
     t = torch.from_numpy(a.transpose(p.to_logical) if p.cl else a)
-    return (t.view(dtype) if dtype in _HALF else t), a3
+    return (t.view(dtype) if p.bits is not None else t), a3
 
 
 # Zero-copy NumPy views of parameters, by (address, C, dtype). A view keeps its tensor's
