@@ -1,10 +1,16 @@
 """Host side of the CUDA kernels: array adaptation, validation, layout, allocation, launch.
 
 The entry points the torch bridge uses are ``launch_forward``, ``launch_backward`` and
-``launch_per_sample_param_grads``: they take caller-allocated outputs (any ``__cuda_array_interface__`` object or Numba device
-array), enqueue the kernels on the given stream and return at once. Nothing here
-synchronises the host: CUDA-array-interface objects are wrapped with ``sync=False`` (the
-caller's stream orders the work), and only workspaces (partials) are allocated here.
+``launch_per_sample_param_grads``: they take caller-allocated outputs (any
+``__cuda_array_interface__`` object or Numba device array), enqueue the kernels on the
+given stream and return at once. Nothing here synchronises the host: CUDA-array-interface
+objects are wrapped with ``sync=False`` (the caller's stream orders the work), and only
+workspaces (partials) are allocated here, from the caller's allocator when one is given
+(``workspace_allocator``), so a call can be captured in a CUDA graph.
+
+Host cost per call: the launch geometry of a (shape, G, layout, SM count, configuration) is
+computed once (``forward_plan`` / ``backward_plan``, cached), and each kernel's configured
+launcher once per (grid, block, stream) (``_launch``).
 
 Every array is seen as a flat 1-D view in one of two fast memory layouts, NCHW
 ("nchw": C-contiguous) or channels-last ("cl": memory order N, spatial..., C); the
