@@ -175,6 +175,15 @@ def test_empty_inputs(small):
     y, m, r = gc.group_norm_forward(_dev(np.zeros((2, 4, 0), np.float32)), 2, None, None, 1e-5)
     assert _host(y).shape == (2, 4, 0)
     assert np.all(_host(m) == 0) and np.all(np.isnan(_host(r)))  # as the CPU path
+    w = _dev(np.ones(4, np.float32))
+    for shape in ((2, 4, 0), (0, 4, 3)):  # empty sums are 0
+        xd = _dev(np.zeros(shape, np.float32))
+        _, m, r = gc.group_norm_forward(xd, 2, None, None, 1e-5)
+        dx, dw, db = gc.group_norm_backward(xd, xd, m, r, 2, w, w)
+        assert _host(dx).shape == shape
+        assert np.array_equal(_host(dw), np.zeros(4)) and np.array_equal(_host(db), np.zeros(4))
+        dwn, dbn = gc.per_sample_param_grads(xd, xd, m, r, 2, w, w)
+        assert _host(dwn).shape == (shape[0], 4) and not np.any(_host(dbn))
 
 
 @device
