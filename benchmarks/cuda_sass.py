@@ -240,8 +240,9 @@ def predict(rows, kind, N, C, S, G, layout, dtype, act=None, old_backward=False)
     if old_backward:  # the geometry before: blocks of at least 8192 elements
         config.MIN_BLOCK_ELEMS = 8192
     try:
+        K = config.ITEMS * (2 if dtype == "float16" and not old_backward else 1)
         plan = (launch.forward_plan if kind == "forward" else launch.backward_plan)(
-            N, C, S, G, layout, H100["sms"], launch._config_key())[0]
+            N, C, S, G, layout, H100["sms"], launch._config_key(), K)[0]
     finally:
         config.MIN_BLOCK_ELEMS = saved
     by = {(r["kernel"], r["dtype"], r["cc"]): r for r in rows}

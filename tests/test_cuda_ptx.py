@@ -63,7 +63,8 @@ def compile_ptx(spec, out_dtype=None):
     if key not in _PTX:
         cc, dt, name, act = spec
         acc = "float64" if dt == "float64" else "float32"  # bfloat16 accumulates in float32
-        ks = kernels.build(config.THREADS, config.ITEMS, config.FUSED_ITEMS, config.FLUSH, acc,
+        K = config.ITEMS * (2 if dt in ("float16", "bfloat16") else 1)  # launch.items
+        ks = kernels.build(config.THREADS, K, config.FUSED_ITEMS, config.FLUSH, acc,
                            activations.code(act))
         k = getattr(ks, name)
         ptx, _ = cuda.compile_ptx(k.py_func, kernels.signatures(dt, out_dtype)[name], cc=cc,

@@ -799,7 +799,8 @@ def sass_specs(dtypes=("float16", "bfloat16", "float32", "float64"), acts=None):
         acc = "float64" if dt == "float64" else "float32"
         for name in KERNELS:
             for act_name, code in (acts if name in ACT_KERNELS else [(None, 0)]):
-                ks = build(config.THREADS, config.ITEMS, config.FUSED_ITEMS, config.FLUSH,
+                K = config.ITEMS * (2 if dt in ("float16", "bfloat16") else 1)  # launch.items
+                ks = build(config.THREADS, K, config.FUSED_ITEMS, config.FLUSH,
                            acc, code)
                 k = getattr(ks, name)
                 yield dict(kernel=name, label=name + (f"-{act_name}" if act_name else ""),
