@@ -66,3 +66,32 @@ def test_half_types_keep_16_bytes_in_flight():
     import numpy as np
 
     assert launch.items(np.float16) * 2 == launch.items(np.float32) * 4 == 16
+
+
+class _FakeMemory:
+    """Device memory stand-in: DeviceNDArray with given gpu_data allocates nothing."""
+
+    device_ctypes_pointer = type("Ptr", (), {"value": 1 << 20})()
+    handle = 1 << 20
+    owner = None
+
+    def view(self, *args):
+        return self
+
+
+def test_numba_bfloat16_arrays_keep_their_dtype():
+    """A Numba device array of ml_dtypes.bfloat16 says "<V2" in its array interface; the
+    host side reads the dtype from the array itself and flattens it without the interface."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import numpy as np
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    a = DeviceNDArray((2, 3, 4), (24, 8, 2), bf16, gpu_data=_FakeMemory())
+    assert a.__cuda_array_interface__["typestr"] == "<V2"
+    d = launch.DevArray(a, "x")
+    assert (d.dtype, d.layout) == (bf16, launch.NCHW)
+    flat = d.flat()
+    assert (flat.shape, flat.dtype) == ((24,), bf16)
+    cl = DeviceNDArray((2, 3, 4), (24, 2, 6), bf16, gpu_data=_FakeMemory())  # channels-last
+    assert launch.DevArray(cl, "x").layout == launch.CL

@@ -82,7 +82,10 @@ class DevArray:
                 raise TypeError(_bf16_message(name, e)) from None
             self.desc = desc
             self.shape = tuple(desc["shape"])
-            self.dtype = np.dtype(desc["typestr"])
+            # A Numba device array knows its dtype; the interface's typestr does not say
+            # bfloat16 (ml_dtypes' is "<V2", a void type)
+            numba_array = isinstance(obj, DeviceNDArray)
+            self.dtype = obj.dtype if numba_array else np.dtype(desc["typestr"])
             item = self.dtype.itemsize
             if desc.get("strides") is None:
                 self.strides = _c_strides(self.shape)
@@ -104,6 +107,9 @@ class DevArray:
             v = a.view()
             v.shape = (self.size,)  # raises instead of copying: outputs must be views
             return FakeCUDAArray(v)
+        if isinstance(self.obj, DeviceNDArray):  # same memory, no interface round trip
+            return DeviceNDArray((self.size,), (self.dtype.itemsize,), self.dtype,
+                                 gpu_data=self.obj.gpu_data)
         desc = dict(self.desc, shape=(self.size,), strides=None)
         desc.pop("stream", None)  # ordered by the caller's stream: no host sync
         desc.pop("mask", None)
