@@ -241,8 +241,8 @@ def copy_into(src: DevArray, dst: DevArray, stream=0):
 
 def _threads() -> int:
     T = config.THREADS
-    if not (isinstance(T, int) and 1 <= T <= 1024 and T & (T - 1) == 0):
-        raise ValueError(f"gnnumba.gpu.config.THREADS must be a power of two in [1, 1024], "
+    if not (isinstance(T, int) and 32 <= T <= 1024 and T & (T - 1) == 0):
+        raise ValueError(f"gnnumba.gpu.config.THREADS must be a power of two in [32, 1024], "
                          f"got {T!r}")
     return T
 
@@ -354,8 +354,8 @@ def forward_plan(N, C, S, G, layout, sms, cfg, K):
         nchunks = _cdiv(D, chunk)
         bt, colchunk, ncol = _row_plan(S, N * C, T, K)
         return [("fwd_stats_nchw", N * G * nchunks, T, (D, chunk, nchunks)),
-                ("fwd_finalize", N * G, T, (G * D, nchunks, 1, G, D, 1 << 62)),
-                ("fwd_apply_nchw", (N * C, ncol), bt, (C, G, S, colchunk))], N * G * nchunks * 3
+                ("fwd_apply_nchw", (N * C, ncol), bt, (nchunks, D, C, G, S, colchunk))], \
+            N * G * nchunks * 3
     TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, K, K, target)
     tpg = _tiles_per_group(C, G, TC)
     TCa, TSa, sposa, nsba, ncta = _cl_plan(N, S, C, T, K, config.APPLY_ITEMS)
@@ -521,8 +521,9 @@ def launch_forward(x, G, weight, bias, eps, activation, y, mean, rstd, stream=0)
     - ``stream``: 0/None (default stream), a raw ``CUstream`` int (torch:
       ``torch.cuda.current_stream().cuda_stream``), a torch stream or a Numba stream.
 
-    One launch (groups that fit one block's registers, NCHW) or three (statistics, merge,
-    apply); only the partial-statistics workspace is allocated here (``workspace_allocator``).
+    NCHW: one launch (groups that fit one block's registers) or two (statistics, apply);
+    channels-last: three (statistics, merge, apply). Only the partial-statistics workspace is
+    allocated here (``workspace_allocator``).
     """
     xa = check_x(x)
     N, C, S = _dims(xa)
@@ -570,6 +571,8 @@ def _forward(xa, G, wa, ba, eps, activation, ya, ma, ra, st):
             args = (x, *dims, part)
         elif name == "fwd_finalize":
             args = (part, x, *dims, e, mean, rstd)
+        elif name == "fwd_apply_nchw":  # merges the partials itself
+            args = (x, part, *dims, e, mean, rstd, w, b, hw, hb, y)
         else:
             args = (x, *dims, mean, rstd, w, b, hw, hb, y)
         _launch(ks, name, grid, block, st, *args)
