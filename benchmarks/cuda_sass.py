@@ -240,8 +240,9 @@ def predict(rows, kind, N, C, S, G, layout, dtype, act=None, old_backward=False)
     if old_backward:  # the geometry before: blocks of at least 8192 elements
         config.MIN_BLOCK_ELEMS = 8192
     try:
+        K = config.ITEMS * (2 if dtype == "float16" and not old_backward else 1)
         plan = (launch.forward_plan if kind == "forward" else launch.backward_plan)(
-            N, C, S, G, layout, H100["sms"], launch._config_key())[0]
+            N, C, S, G, layout, H100["sms"], launch._config_key(), K)[0]
     finally:
         config.MIN_BLOCK_ELEMS = saved
     by = {(r["kernel"], r["dtype"], r["cc"]): r for r in rows}
@@ -281,11 +282,13 @@ def prediction_table(after, before=None):
     return "\n".join(lines)
 
 
-def _specs(dtypes, only):
+def _specs(dtypes, only, acts):
     from gnnumba.gpu import kernels
 
     for spec in kernels.sass_specs(dtypes):
         if only and spec["kernel"] not in only:
+            continue
+        if acts and str(spec["act"]).lower() not in acts:
             continue
         yield spec
 
@@ -298,6 +301,8 @@ def main(argv=None):
                     "numba-cuda's bfloat16 shim, linked at load time: ptxas alone cannot "
                     "assemble it, so it is not in the default list")
     ap.add_argument("--kernel", nargs="*", default=None)
+    ap.add_argument("--act", nargs="*", default=None, help="only these activations "
+                    "(none, silu, relu, gelu)")
     ap.add_argument("--shapes", action="store_true", help="predicted bandwidth per SD-UNet "
                     "shape (H100 SXM model, see predict)")
     ap.add_argument("--from-json", help="skip compiling: predict from a --json file of "
@@ -327,7 +332,7 @@ def main(argv=None):
            f"{'occ':>5s} {'inst':>5s} {'elem':>5s} {'inst/elem':>9s} {'ldg':>4s} "
            f"{'inflight':>8s} {'calls':>5s}")
     print(hdr)
-    for spec in _specs(args.dtype, args.kernel):
+    for spec in _specs(args.dtype, args.kernel, [a.lower() for a in args.act or []]):
         for cc in args.cc:
             try:
                 r = analyse(spec, cc)

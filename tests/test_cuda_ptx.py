@@ -1,9 +1,9 @@
 """Every CUDA kernel specialisation compiles to PTX for sm_80 and sm_90, with no GPU.
 
-Specialisations: input dtype (float16/float32/float64) x kernel (the NCHW and
-channels-last layouts are separate kernels) x activation (for the kernels that apply it:
-every activation of ``gnnumba.activations`` for float32 on sm_90, None and "silu" for the
-other dtype/architecture pairs, to keep CI time small). Where ``ptxas`` is installed the PTX is also assembled, and the registers,
+Specialisations: input dtype (float16/bfloat16/float32/float64) x kernel (the NCHW and
+channels-last layouts are separate kernels) x activation (for the kernels that apply it),
+thinned to keep CI time small (see ``specializations``); ``benchmarks/cuda_sass.py``
+compiles all of them. Where ``ptxas`` is installed the PTX is also assembled, and the registers,
 shared memory, stack and spills per kernel are checked (no spills, no local-memory stack
 in the hot kernels: the per-thread tiles must live in registers).
 
@@ -37,13 +37,15 @@ HOT = set(kernels.STREAMED_INPUTS)
 
 
 def specializations():
+    """sm_90: every dtype (bfloat16 included), every activation for float32, None and silu
+    for the others; sm_80: float16 and float32 without activation (the code that differs
+    between the two architectures is the same for every activation)."""
     for cc in CCS:
-        for dt in DTYPES + (["bfloat16"] if cc >= (8, 0) else []):  # bfloat16: sm_80+
-            every = dt == "float32" and cc == (9, 0)
+        for dt in DTYPES + ["bfloat16"] if cc == (9, 0) else ["float16", "float32"]:
             for name in kernels.kernel_names():
                 acts = [None]
-                if name in kernels.ACT_KERNELS:
-                    acts = list(activations.CODES) if every else [None, "silu"]
+                if name in kernels.ACT_KERNELS and cc == (9, 0):
+                    acts = list(activations.CODES) if dt == "float32" else [None, "silu"]
                 for act in acts:
                     yield cc, dt, name, act
 
@@ -61,7 +63,8 @@ def compile_ptx(spec, out_dtype=None):
     if key not in _PTX:
         cc, dt, name, act = spec
         acc = "float64" if dt == "float64" else "float32"  # bfloat16 accumulates in float32
-        ks = kernels.build(config.THREADS, config.ITEMS, config.FUSED_ITEMS, config.FLUSH, acc,
+        K = config.ITEMS * (2 if dt in ("float16", "bfloat16") else 1)  # launch.items
+        ks = kernels.build(config.THREADS, K, config.FUSED_ITEMS, config.FLUSH, acc,
                            activations.code(act))
         k = getattr(ks, name)
         ptx, _ = cuda.compile_ptx(k.py_func, kernels.signatures(dt, out_dtype)[name], cc=cc,

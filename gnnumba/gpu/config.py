@@ -7,9 +7,9 @@ effect on the next call. Results never depend on these values beyond rounding: e
 partial result is merged in a fixed order.
 """
 
-# Threads per block of every kernel (a power of two, 32..1024). 256 gives 8 resident blocks
-# per SM on sm_80/sm_90 for the register counts ptxas reports (see tests/test_cuda_ptx.py),
-# enough loads in flight to saturate HBM.
+# Threads per block of every kernel (a power of two, 32..1024). 256 gives 6-8 resident
+# blocks per SM on sm_80/sm_90 for the register counts ptxas reports (see
+# benchmarks/cuda_sass.py), with ITEMS loads in flight per thread.
 THREADS = 256
 
 # Elements each thread loads per tile in every streaming kernel (statistics, apply, backward

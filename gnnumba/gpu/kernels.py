@@ -12,8 +12,9 @@ Forward (``mean``/``rstd``/``y``):
   group keeps the group in registers (exact two-pass mean/M2), then applies. One read of x,
   one write of y, one launch.
 * otherwise ``fwd_stats_nchw`` / ``fwd_stats_cl`` (partial (count, mean, M2) per block) ->
-  ``fwd_finalize`` (one block per group merges its partials in a fixed order) ->
-  ``fwd_apply_nchw`` / ``fwd_apply_cl`` (y).
+  NCHW: ``fwd_apply_nchw``, each block merging its group's partials itself (two launches);
+  channels-last: ``fwd_finalize`` (one block per group merges its partials in a fixed
+  order; a channel tile holds several groups) -> ``fwd_apply_cl`` (three launches).
 
 Backward and per-sample parameter gradients share their sums (x and dy read once for them):
 
@@ -401,16 +402,36 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
             rstd[ng] = acc(1) / math.sqrt(m2 / cnt + eps)
 
     @cuda.jit
-    def fwd_apply_nchw(x, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, y):
-        """grid (N*C, ceil(S/colchunk)), block (<= T,). One (n, c) row slice per block:
-        whole tiles of K values per thread (loads first, no bounds checks), then the tail."""
+    def fwd_apply_nchw(x, part, L, D, C, G, S, colchunk, eps, mean, rstd, w, b, has_w, has_b,
+                       y):
+        """grid (N*C, ceil(S/colchunk)), block (<= T,). One (n, c) row slice per block. The
+        block first merges the L partials of its group (as fwd_finalize, so every block of
+        the group gets the same bits; the first block of the group writes mean/rstd): no
+        separate merge launch. Then whole tiles of K values per thread (loads first, no
+        bounds checks), then the tail."""
+        s_n = cuda.shared.array(T, acc)
+        s_m = cuda.shared.array(T, acc)
+        s_q = cuda.shared.array(T, acc)
         v = cuda.local.array(K, acc)
         row = cuda.blockIdx.x
         n = row // C
         c = row - n * C
-        ng = n * G + c // (C // G)
-        mu = acc(mean[ng])
-        a, sh = coefficients(acc(rstd[ng]), w, b, has_w, has_b, c)
+        Cg = C // G
+        ng = n * G + c // Cg
+        cnt = acc(0)
+        mu = acc(0)
+        m2 = acc(0)
+        for i in range(cuda.threadIdx.x, L, cuda.blockDim.x):
+            o = (ng * L + i) * 3
+            cnt, mu, m2 = merge(cnt, mu, m2, part[o], part[o + 1], part[o + 2])
+        cnt, mu, m2 = block_merge(cuda.threadIdx.x, cuda.blockDim.x, cnt, mu, m2, s_n, s_m,
+                                  s_q)
+        mu += acc(x[ng * D])  # the shift of fwd_stats_nchw
+        r = acc(1) / math.sqrt(m2 / cnt + eps)
+        if cuda.threadIdx.x == 0 and cuda.blockIdx.y == 0 and c % Cg == 0:
+            mean[ng] = mu
+            rstd[ng] = r
+        a, sh = coefficients(r, w, b, has_w, has_b, c)
         s0 = row * S + cuda.blockIdx.y * colchunk
         m = min(colchunk, S - cuda.blockIdx.y * colchunk)
         xb = x[s0:s0 + m]  # the block's run: indices below are block-relative
@@ -776,7 +797,7 @@ def signatures(dtype_name: str, out_name: str | None = None):
         "fwd_stats_nchw": (v, i, i, i, st),
         "fwd_stats_cl": (v, i, i, i, i, i, i, st),
         "fwd_finalize": (st, v, i, i, i, i, i, i, f, st, st),
-        "fwd_apply_nchw": (v, i, i, i, i, st, st, v, v, bo, bo, v),
+        "fwd_apply_nchw": (v, st, i, i, i, i, i, i, f, st, st, v, v, bo, bo, v),
         "fwd_apply_cl": (v, i, i, i, i, i, st, st, v, v, bo, bo, v),
         "fill_stats": (st, st, f),
         "bwd_sums_nchw": (v, v, i, i, i, i, st, st, v, v, bo, bo, st),
@@ -799,7 +820,8 @@ def sass_specs(dtypes=("float16", "bfloat16", "float32", "float64"), acts=None):
         acc = "float64" if dt == "float64" else "float32"
         for name in KERNELS:
             for act_name, code in (acts if name in ACT_KERNELS else [(None, 0)]):
-                ks = build(config.THREADS, config.ITEMS, config.FUSED_ITEMS, config.FLUSH,
+                K = config.ITEMS * (2 if dt in ("float16", "bfloat16") else 1)  # launch.items
+                ks = build(config.THREADS, K, config.FUSED_ITEMS, config.FLUSH,
                            acc, code)
                 k = getattr(ks, name)
                 yield dict(kernel=name, label=name + (f"-{act_name}" if act_name else ""),
