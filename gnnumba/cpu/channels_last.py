@@ -95,42 +95,50 @@ def _stats_task(t, x3, sb, nb, Cg, pm, pq, scratch, scratch64):
 
 
 @njit(inline="always")
-def _merge_task(ng, pm, pq, sb, S, Cg, eps, w, b, mean, rstd, coef):
-    """(mean, rstd) of group ng from its per-block partials, merged in block order."""
-    G = mean.shape[1]
-    n = ng // G
-    g = ng - n * G
+def _merge_group(pm, pq, n, g, sb, S, Cg, eps):
+    """(mean, rstd) of group g of sample n from its per-block partials, in block order."""
     cnt = 0
     mu = 0.0
     m2 = 0.0
     for k in range(pm.shape[1]):
         s0 = k * sb
         cnt, mu, m2 = merge(cnt, mu, m2, (min(s0 + sb, S) - s0) * Cg, pm[n, k, g], pq[n, k, g])
-    r = rstd_of(m2, S * Cg, eps)
-    mean[n, g] = mu
-    rstd[n, g] = r
-    set_coefs(coef, n, g, Cg, mu, r, w, b)
+    return mu, rstd_of(m2, S * Cg, eps)
 
 
 # --------------------------------------------------------------------------- forward
 
 
 @njit(inline="always")
-def _apply_task(t, x3, y3, sb, nb, coef, one, act):
+def _apply_task(t, x3, y3, pm, pq, sb, nb, Cg, eps, w, b, one, act, mean, rstd, cs):
+    """Normalise block t. The task merges its sample's statistics itself (G merges of nb
+    partials: little work, the same arithmetic in every task, so the same bits) instead of a
+    parallel region of its own; the sample's first block writes mean and rstd.
+    ``cs``: this task's (1, 3, C) coefficient rows."""
+    N, S, C = x3.shape
     n = t // nb
-    s0 = (t - n * nb) * sb
-    sc = coef[n, 0]
-    sh = coef[n, 1]
-    m = coef[n, 2]
-    for s in range(s0, min(s0 + sb, x3.shape[1])):
+    k = t - n * nb
+    for g in range(C // Cg):
+        mu, r = _merge_group(pm, pq, n, g, sb, S, Cg, eps)
+        if k == 0:
+            mean[n, g] = mu
+            rstd[n, g] = r
+        set_coefs(cs, 0, g, Cg, mu, r, w, b)
+    sc = cs[0, 0]
+    sh = cs[0, 1]
+    m = cs[0, 2]
+    s0 = k * sb
+    for s in range(s0, min(s0 + sb, S)):
         xr = x3[n, s]
         yr = y3[n, s]
-        for c in range(xr.shape[0]):
+        for c in range(C):
             store(yr, c, forward(act, (load(xr, c) - m[c]) * sc[c] + sh[c], one))
 
 
 @kernel(parallel=True)
 def fwd(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
+    """Two parallel regions: block statistics, then merge and apply per block. ``coef``
+    only gives the compute dtype."""
     N, S, C = x3.shape
     G = mean.shape[1]
     sb, nb = blocking(S, C, block)
@@ -140,10 +148,9 @@ def fwd(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
     scratch64 = np.empty((N * nb, 2, C))
     for t in prange(N * nb):
         _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch, scratch64)
-    for ng in prange(N * G):
-        _merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
+    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
     for t in prange(N * nb):
-        _apply_task(t, x3, y3, sb, nb, coef, one, act)
+        _apply_task(t, x3, y3, pm, pq, sb, nb, C // G, eps, w, b, one, act, mean, rstd, cs[t])
 
 
 @kernel()
@@ -158,37 +165,33 @@ def fwd_serial(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
     scratch64 = np.empty((N * nb, 2, C))
     for t in range(N * nb):
         _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch, scratch64)
-    for ng in range(N * G):
-        _merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
+    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
     for t in range(N * nb):
-        _apply_task(t, x3, y3, sb, nb, coef, one, act)
+        _apply_task(t, x3, y3, pm, pq, sb, nb, C // G, eps, w, b, one, act, mean, rstd, cs[t])
 
 
 # --------------------------------------------------------------------------- gradient sums
 
 
 @njit(inline="always")
-def _coef_task(ng, mean, rstd, w, b, coef):
-    G = mean.shape[1]
-    n = ng // G
-    g = ng - n * G
-    set_coefs(coef, n, g, coef.shape[2] // G, mean[n, g], rstd[n, g], w, b)
-
-
-@njit(inline="always")
-def _sums_task(t, dy3, x3, sb, nb, one, act, coef, p):
+def _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs, p):
     """Per-channel partial sum(dz) and sum(dz*(x - mean)) of one block, into p[n, k],
-    dz = dy * act'(z) (not stored)."""
+    dz = dy * act'(z) (not stored). The task forms its sample's coefficients itself in its
+    (1, 3, C) rows ``cs`` (C values: less than a parallel region of their own costs)."""
     n = t // nb
     k = t - n * nb
+    G = mean.shape[1]
+    Cg = cs.shape[2] // G
+    for g in range(G):
+        set_coefs(cs, 0, g, Cg, mean[n, g], rstd[n, g], w, b)
     s0 = k * sb
     a1 = p[n, k, 0]
     a2 = p[n, k, 1]
     a1[:] = 0.0
     a2[:] = 0.0
-    za = coef[n, 0]
-    zc = coef[n, 1]
-    m = coef[n, 2]
+    za = cs[0, 0]
+    zc = cs[0, 1]
+    m = cs[0, 2]
     for s in range(s0, min(s0 + sb, x3.shape[1])):
         xr = x3[n, s]
         gr = dy3[n, s]
@@ -225,10 +228,9 @@ def sums(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef)
     N, S, C = x3.shape
     sb, nb = blocking(S, C, block)
     p = np.empty((N, nb, 2, C))
-    for ng in prange(mean.size):
-        _coef_task(ng, mean, rstd, w, b, coef)
+    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
     for t in prange(N * nb):
-        _sums_task(t, dy3, x3, sb, nb, one, act, coef, p)
+        _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs[t], p)
     for ng in prange(mean.size):
         _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
 
@@ -238,10 +240,9 @@ def sums_serial(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps
     N, S, C = x3.shape
     sb, nb = blocking(S, C, block)
     p = np.empty((N, nb, 2, C))
-    for ng in range(mean.size):
-        _coef_task(ng, mean, rstd, w, b, coef)
+    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
     for t in range(N * nb):
-        _sums_task(t, dy3, x3, sb, nb, one, act, coef, p)
+        _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs[t], p)
     for ng in range(mean.size):
         _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
 
@@ -250,11 +251,14 @@ def sums_serial(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps
 
 
 @njit(inline="always")
-def _dx_coef_task(ng, rstd, w, S, dweight_ps, dbias_ps, coef):
+def _dx_coef_task(ng, mean, rstd, w, b, S, dweight_ps, dbias_ps, coef):
+    """All five coefficient rows of group ng for the dx pass (rows 0-2 as the sums tasks
+    formed them)."""
     G = rstd.shape[1]
     Cg = coef.shape[2] // G
     n = ng // G
     g = ng - n * G
+    set_coefs(coef, n, g, Cg, mean[n, g], rstd[n, g], w, b)
     set_dx_coefs(coef, n, g, Cg, Cg * S, rstd[n, g], w, dweight_ps, dbias_ps)
 
 
@@ -285,13 +289,12 @@ def bwd(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbias_ps, c
     N, S, C = x3.shape
     sb, nb = blocking(S, C, block)
     p = np.empty((N, nb, 2, C))
-    for ng in prange(mean.size):
-        _coef_task(ng, mean, rstd, w, b, coef)
+    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
     for t in prange(N * nb):
-        _sums_task(t, dy3, x3, sb, nb, one, act, coef, p)
+        _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs[t], p)
     for ng in prange(mean.size):
         _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
-        _dx_coef_task(ng, rstd, w, S, dweight_ps, dbias_ps, coef)
+        _dx_coef_task(ng, mean, rstd, w, b, S, dweight_ps, dbias_ps, coef)
     for t in prange(N * nb):
         _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3)
 
@@ -302,12 +305,11 @@ def bwd_serial(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbia
     N, S, C = x3.shape
     sb, nb = blocking(S, C, block)
     p = np.empty((N, nb, 2, C))
-    for ng in range(mean.size):
-        _coef_task(ng, mean, rstd, w, b, coef)
+    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
     for t in range(N * nb):
-        _sums_task(t, dy3, x3, sb, nb, one, act, coef, p)
+        _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs[t], p)
     for ng in range(mean.size):
         _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
-        _dx_coef_task(ng, rstd, w, S, dweight_ps, dbias_ps, coef)
+        _dx_coef_task(ng, mean, rstd, w, b, S, dweight_ps, dbias_ps, coef)
     for t in range(N * nb):
         _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3)

@@ -30,7 +30,7 @@ from .activation import NONE, derivative, forward
 from .compile import kernel
 from .stats import (chunk_stats, group_stats, merge, row_sums, rstd_of, set_coefs,
                     set_dx_coefs)
-from .storage import load, store
+from .storage import cast, load, store
 
 # --------------------------------------------------------------------------- forward
 
@@ -85,28 +85,31 @@ def fwd_split(x2, x3, w, b, eps, act, one, chunk, y3, mean, rstd, coef):
         lo = k * chunk
         hi = min(lo + chunk, D)
         pm[ng, k], pq[ng, k] = chunk_stats(x2[ng, lo:hi])
-    for ng in prange(N * G):
-        n = ng // G
-        g = ng - n * G
+    ns = (S + chunk - 1) // chunk
+    for t in prange(N * C * ns):
+        # each chunk task merges its group's partials itself (nk merges, the same arithmetic
+        # in every task) instead of a parallel region of its own
+        nc = t // ns
+        j = t - nc * ns
+        lo = j * chunk
+        n = nc // C
+        c = nc - n * C
+        g = c // Cg
+        ng = n * G + g
         cnt = 0
         mu = 0.0
         m2 = 0.0
         for k in range(nk):
-            lo = k * chunk
-            cnt, mu, m2 = merge(cnt, mu, m2, min(lo + chunk, D) - lo, pm[ng, k], pq[ng, k])
+            klo = k * chunk
+            cnt, mu, m2 = merge(cnt, mu, m2, min(klo + chunk, D) - klo, pm[ng, k], pq[ng, k])
         r = rstd_of(m2, D, eps)
-        mean[n, g] = mu
-        rstd[n, g] = r
-        set_coefs(coef, n, g, Cg, mu, r, w, b)
-    ns = (S + chunk - 1) // chunk
-    for t in prange(N * C * ns):
-        nc = t // ns
-        lo = (t - nc * ns) * chunk
-        n = nc // C
-        c = nc - n * C
+        if j == 0 and c == g * Cg:
+            mean[n, g] = mu
+            rstd[n, g] = r
         hi = min(lo + chunk, S)
-        _apply_row(x3[n, c, lo:hi], y3[n, c, lo:hi], coef[n, 0, c], coef[n, 1, c],
-                   coef[n, 2, c], one, act)
+        # the coefficients rounded to x's compute dtype, as set_coefs stores them
+        _apply_row(x3[n, c, lo:hi], y3[n, c, lo:hi], cast(coef, r * w[c]), cast(coef, b[c]),
+                   cast(coef, mu), one, act)
 
 
 # --------------------------------------------------------------------------- gradient sums
@@ -119,6 +122,14 @@ def fwd_split(x2, x3, w, b, eps, act, one, chunk, y3, mean, rstd, coef):
 def _chunk_sums(dy3, x3, coef, n, c, lo, hi, one, act):
     return row_sums(dy3[n, c, lo:hi], x3[n, c, lo:hi], coef[n, 2, c], coef[n, 0, c],
                     coef[n, 1, c], one, act)
+
+
+@njit(inline="always")
+def _chunk_sums_direct(dy3, x3, mean, rstd, w, b, coef, n, c, lo, hi, one, act):
+    """``_chunk_sums`` with the coefficients formed here, rounded as set_coefs stores them."""
+    g = c // (x3.shape[1] // mean.shape[1])
+    return row_sums(dy3[n, c, lo:hi], x3[n, c, lo:hi], cast(coef, mean[n, g]),
+                    cast(coef, rstd[n, g] * w[c]), cast(coef, b[c]), one, act)
 
 
 @njit(inline="always")
@@ -144,7 +155,7 @@ def _group_sums(t, dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias
 
 
 @njit(inline="always")
-def _split_partials_task(t, dy3, x3, coef, chunk, one, act, p):
+def _split_partials_task(t, dy3, x3, mean, rstd, w, b, coef, chunk, one, act, p):
     """Partial gradient sums of chunk k of row (n, c), t = (n*C + c)*ns + k."""
     N, C, S = x3.shape
     ns = p.shape[1]
@@ -152,8 +163,8 @@ def _split_partials_task(t, dy3, x3, coef, chunk, one, act, p):
     k = t - nc * ns
     lo = k * chunk
     n = nc // C
-    p[nc, k, 0], p[nc, k, 1] = _chunk_sums(dy3, x3, coef, n, nc - n * C, lo,
-                                           min(lo + chunk, S), one, act)
+    p[nc, k, 0], p[nc, k, 1] = _chunk_sums_direct(dy3, x3, mean, rstd, w, b, coef, n,
+                                                  nc - n * C, lo, min(lo + chunk, S), one, act)
 
 
 @njit(inline="always")
@@ -194,10 +205,8 @@ def sums_serial(dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias_ps
 def sums_split(dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias_ps, coef):
     N, C, S = x3.shape
     p = np.empty((N * C, (S + chunk - 1) // chunk, 2))
-    for ng in prange(mean.size):
-        _split_coef_task(ng, mean, rstd, w, b, coef)
     for t in prange(p.shape[0] * p.shape[1]):
-        _split_partials_task(t, dy3, x3, coef, chunk, one, act, p)
+        _split_partials_task(t, dy3, x3, mean, rstd, w, b, coef, chunk, one, act, p)
     for nc in prange(N * C):
         _split_reduce_task(nc, p, rstd, dweight_ps, dbias_ps)
 
@@ -259,11 +268,10 @@ def bwd_split(dy3, x3, mean, rstd, w, b, act, one, chunk, dx3, dweight_ps, dbias
     Cg = C // G
     ns = (S + chunk - 1) // chunk
     p = np.empty((N * C, ns, 2))
-    for ng in prange(N * G):
-        _split_coef_task(ng, mean, rstd, w, b, coef)
     for t in prange(N * C * ns):
-        _split_partials_task(t, dy3, x3, coef, chunk, one, act, p)
+        _split_partials_task(t, dy3, x3, mean, rstd, w, b, coef, chunk, one, act, p)
     for ng in prange(N * G):
+        _split_coef_task(ng, mean, rstd, w, b, coef)  # rows 0-2 for the dx pass
         n = ng // G
         g = ng - n * G
         for c in range(g * Cg, (g + 1) * Cg):
