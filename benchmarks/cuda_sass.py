@@ -251,6 +251,8 @@ def predict(rows, kind, N, C, S, G, layout, dtype, act=None, old_backward=False)
     steps = [(st[0], st[1], st[2]) for st in plan]
     if old_backward and kind == "backward":  # before: the parameter sums, a fourth launch
         steps.append(("bwd_params", 1, 1))
+    if old_backward and steps[0][0] == "fwd_stats_nchw":  # before: a merge launch too
+        steps.insert(1, ("fwd_finalize", N * G, 256))
     for name, grid, block in steps:
         row = by.get((f"{name}-{act}" if act else name, dtype, 90)) or by.get((name, dtype, 90))
         g = grid if isinstance(grid, int) else grid[0] * grid[1]
