@@ -361,11 +361,13 @@ def _cuda_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bi
     if x.numel() == 0:
         zeros = x.new_zeros((N, C) if per_sample else C, dtype=sdt)
         return dx, zeros, zeros.clone()
-    # per-sample (N, C) sums in the accumulation dtype; the (C,) sums in x's dtype
+    # per-sample (N, C) sums and their (C,) sums over N in the accumulation dtype: float32
+    # for half input (a float16 dweight overflows above 65504); the caller casts to the
+    # parameter's dtype
     dweight_n = x.new_empty((N, C), dtype=sdt)
     dbias_n = torch.empty_like(dweight_n)
-    dweight = x.new_empty(C)
-    dbias = x.new_empty(C)
+    dweight = x.new_empty(C, dtype=sdt)
+    dbias = x.new_empty(C, dtype=sdt)
     with _on_device(x.device), launch.workspace_allocator(_torch_allocator(x.device)):
         launch.launch_backward(_cuda_array(dy), _cuda_array(x),
                                mean.detach().to(sdt).contiguous(),
