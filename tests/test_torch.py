@@ -520,7 +520,13 @@ def test_parameter_changes_are_always_seen():
     updates (optimizer steps), .data replacement, writes through .data."""
     m = gt.GroupNorm(2, 4)
     ref = torch.nn.GroupNorm(2, 4)
-    x = torch.randn(3, 4, 5)
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+
+    def same(a, b):
+        # two float32 implementations agree to a few ulp of the largest output; elementwise
+        # rtol fails where (x - mean)*scale + bias cancels (the SGD steps grow the weight)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
     with torch.no_grad():
         for change in (lambda p: p.mul_(1.5), lambda p: p.add_(0.25),
                        lambda p: setattr(p, "data", torch.randn(4)),
@@ -529,7 +535,7 @@ def test_parameter_changes_are_always_seen():
             change(m.bias)
             ref.weight.copy_(m.weight)
             ref.bias.copy_(m.bias)
-            torch.testing.assert_close(m(x), ref(x))
+            same(m(x), ref(x))
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
     for _ in range(2):
         m(x).square().sum().backward()
@@ -538,4 +544,4 @@ def test_parameter_changes_are_always_seen():
         with torch.no_grad():
             ref.weight.copy_(m.weight)
             ref.bias.copy_(m.bias)
-            torch.testing.assert_close(m(x), ref(x))
+            same(m(x), ref(x))
