@@ -37,7 +37,7 @@ def test_per_sample_grads(benchmark, name):
                                 label=PROBLEM.label)
     got = pr.outputs(benchmark(pr.run))
     err = P.max_error(got, P.reference_outputs(PROBLEM, a))
-    assert err <= P.TOLERANCE[PROBLEM.dtype], f"{name}: scaled error {err:.3e}"
+    assert err <= P.tolerance(PROBLEM), f"{name}: scaled error {err:.3e}"
 
 
 def main(argv=None) -> int:

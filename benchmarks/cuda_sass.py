@@ -136,9 +136,9 @@ def disassemble(cubin: str):
 
 
 def hot_loop(insts, labels, itemsize: int, inputs: int):
-    """Figures of the innermost loop (backward branch) with global loads, the largest one
-    (the streaming loop, not a tail or the parameter-sum loop); for a kernel without such a
-    loop, the whole kernel."""
+    """Figures of the innermost loop (backward branch) with global loads, the one with the
+    most loads, then the most instructions (the streaming loop, not its tail or the
+    parameter-sum loop); for a kernel without such a loop, the whole kernel."""
     loops = []
     for addr, text in insts:
         m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", text)
@@ -154,7 +154,7 @@ def hot_loop(insts, labels, itemsize: int, inputs: int):
             continue  # an inner loop with loads is the hot one
         body = [t for a, t in insts if lo <= a <= hi]
         cand = _figures(body, itemsize, inputs)
-        if cand and (best is None or cand["inst"] > best["inst"]):
+        if cand and (best is None or (cand["ldg"], cand["inst"]) > (best["ldg"], best["inst"])):
             best = cand
     if best is None:  # fully unrolled (the on-chip kernel): the whole body
         best = _figures([t for _, t in insts], itemsize, inputs)
@@ -182,7 +182,8 @@ def _figures(body, itemsize, inputs):
 def analyse(spec, cc: int) -> dict:
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(spec["pyfunc"], spec["sig"], cc=(cc // 10, cc % 10))
+    ptx, _ = cuda.compile_ptx(spec["pyfunc"], spec["sig"], cc=(cc // 10, cc % 10),
+                              launch_bounds=spec.get("launch_bounds"))
     with tempfile.TemporaryDirectory() as tmp:
         cubin, text = assemble(ptx, cc, tmp)
         res = resources(text)
@@ -193,11 +194,103 @@ def analyse(spec, cc: int) -> dict:
     return res
 
 
-def _specs(dtypes, only):
+# --------------------------------------------------------------------------- prediction
+#
+# A roofline with Little's law, per launch of a call's plan (``gnnumba.gpu.launch``), on an
+# H100 SXM: time = max(bytes / effective bandwidth, instructions / issue rate) + the gap
+# between dependent launches. The effective bandwidth is the copy bandwidth, or less when the
+# resident threads cannot keep enough bytes in flight to cover the memory latency (loads in
+# flight per thread from the SASS, resident threads from the grid and the occupancy).
+# Assumptions, not measurements: the first GPU run replaces them.
+
+H100 = dict(sms=132, copy_bw=3.0e12, latency=700e-9, issue=132 * 4 * 32 * 1.755e9 * 0.7,
+            launch_gap=2.0e-6, threads_per_sm=2048)
+
+SD_UNET = [(N, C, H) for N in (2, 8) for C, H in ((320, 64), (640, 32), (1280, 16), (1280, 8))]
+
+# bytes each kernel streams per element, in units of the item size (reads + writes)
+_TRAFFIC = {"fwd_fused_nchw": 2, "fwd_stats_nchw": 1, "fwd_stats_cl": 1, "fwd_apply_nchw": 2,
+            "fwd_apply_cl": 2, "bwd_sums_nchw": 2, "bwd_sums_cl": 2, "bwd_dx_nchw": 3,
+            "bwd_dx_cl": 3}
+
+
+def _kernel_time(row, elems, itemsize, grid_threads, hw=H100):
+    from gnnumba.gpu.kernels import STREAMED_INPUTS
+
+    base = row["kernel"].split("-")[0]
+    lp = row.get("loop") or {}
+    if base not in _TRAFFIC or not lp:
+        return 0.0  # merges of per-group partials: small next to the launch gap
+    nbytes = elems * _TRAFFIC[base] * itemsize
+    resident = min(grid_threads, hw["sms"] * row["occupancy"] * hw["threads_per_sm"])
+    bytes_per_load = lp["elem"] * STREAMED_INPUTS[base] * itemsize / lp["ldg"]
+    in_flight = resident * max(lp["ldg_before_store"], 1) * bytes_per_load
+    bw = min(hw["copy_bw"], in_flight / hw["latency"])
+    return max(nbytes / bw, elems * lp["inst_per_elem"] / hw["issue"])
+
+
+def predict(rows, kind, N, C, S, G, layout, dtype, act=None, old_backward=False):
+    """Predicted seconds, fraction of the copy bandwidth (ideal bytes / time / copy_bw) and
+    launches of one forward or backward call, from the SASS rows (``analyse``) of its
+    kernels. ``old_backward``: the code before this rework (a fourth backward launch for the
+    parameter sums, blocks of at least 8192 elements)."""
+    from gnnumba.gpu import config, launch
+
+    saved = config.MIN_BLOCK_ELEMS
+    if old_backward:  # the geometry before: blocks of at least 8192 elements
+        config.MIN_BLOCK_ELEMS = 8192
+    try:
+        K = config.ITEMS * (2 if dtype == "float16" and not old_backward else 1)
+        plan = (launch.forward_plan if kind == "forward" else launch.backward_plan)(
+            N, C, S, G, layout, H100["sms"], launch._config_key(), K)[0]
+    finally:
+        config.MIN_BLOCK_ELEMS = saved
+    by = {(r["kernel"], r["dtype"], r["cc"]): r for r in rows}
+    itemsize = 8 if dtype == "float64" else 4 if dtype == "float32" else 2
+    t = 0.0
+    steps = [(st[0], st[1], st[2]) for st in plan]
+    if old_backward and kind == "backward":  # before: the parameter sums, a fourth launch
+        steps.append(("bwd_params", 1, 1))
+    if old_backward and steps[0][0] == "fwd_stats_nchw":  # before: a merge launch too
+        steps.insert(1, ("fwd_finalize", N * G, 256))
+    for name, grid, block in steps:
+        row = by.get((f"{name}-{act}" if act else name, dtype, 90)) or by.get((name, dtype, 90))
+        g = grid if isinstance(grid, int) else grid[0] * grid[1]
+        b = block if isinstance(block, int) else block[0] * block[1]
+        t += H100["launch_gap"] + (_kernel_time(row, N * C * S, itemsize, g * b) if row else 0)
+    ideal = N * C * S * itemsize * (2 if kind == "forward" else 3)
+    return t, ideal / t / H100["copy_bw"], len(steps)
+
+
+def prediction_table(after, before=None):
+    lines = [f"Predicted on an H100 SXM (model in benchmarks/cuda_sass.py; G=32, no "
+             f"activation): fraction of copy bandwidth (launches, microseconds)",
+             f"{'shape':16s} {'dtype':8s} {'layout':6s} {'fwd before':>17s} {'fwd after':>17s} "
+             f"{'bwd before':>17s} {'bwd after':>17s}"]
+    for N, C, H in SD_UNET:
+        for dtype in ("float16", "float32"):
+            for layout in ("nchw", "cl"):
+                cells = []
+                for kind in ("forward", "backward"):
+                    for rows, old in ((before, True), (after, False)):
+                        if rows is None:
+                            cells.append(f"{'-':>17s}")
+                            continue
+                        t, frac, n = predict(rows, kind, N, C, H * H, 32, layout, dtype,
+                                             old_backward=old)
+                        cells.append(f"{frac:5.0%} ({n}) {t * 1e6:6.1f}us")
+                lines.append(f"{N}x{C}x{H}x{H}".ljust(16) + f" {dtype:8s} {layout:6s} "
+                             + " ".join(cells))
+    return "\n".join(lines)
+
+
+def _specs(dtypes, only, acts):
     from gnnumba.gpu import kernels
 
     for spec in kernels.sass_specs(dtypes):
         if only and spec["kernel"] not in only:
+            continue
+        if acts and str(spec["act"]).lower() not in acts:
             continue
         yield spec
 
@@ -205,10 +298,19 @@ def _specs(dtypes, only):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cc", type=int, nargs="+", default=[80, 90])
-    ap.add_argument("--dtype", nargs="+", default=["float16", "float32", "float64"])
+    ap.add_argument("--dtype", nargs="+", default=["float16", "float32", "float64"],
+                    help="bfloat16 compiles to PTX but its conversions are calls into "
+                    "numba-cuda's bfloat16 shim, linked at load time: ptxas alone cannot "
+                    "assemble it, so it is not in the default list")
     ap.add_argument("--kernel", nargs="*", default=None)
+    ap.add_argument("--act", nargs="*", default=None, help="only these activations "
+                    "(none, silu, relu, gelu)")
     ap.add_argument("--shapes", action="store_true", help="predicted bandwidth per SD-UNet "
-                    "shape (H100 SXM model, see gnnumba.gpu.plan)")
+                    "shape (H100 SXM model, see predict)")
+    ap.add_argument("--from-json", help="skip compiling: predict from a --json file of "
+                    "this script (implies --shapes)")
+    ap.add_argument("--before-json", help="a --json file of the kernels before a change: "
+                    "its predictions go beside (old backward: 4 launches)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
@@ -218,14 +320,28 @@ def main(argv=None):
         print(f"needs ptxas ({PTXAS}) and nvdisasm ({NVDISASM}): pip install "
               f"nvidia-cuda-nvdisasm (gnnumba[dev]) and a CUDA toolkit's ptxas")
         return 1
+    if args.from_json:
+        with open(args.from_json) as f:
+            after = json.load(f)
+        before = None
+        if args.before_json:
+            with open(args.before_json) as f:
+                before = json.load(f)
+        print(prediction_table(after, before))
+        return 0
     rows = []
     hdr = (f"{'kernel':34s} {'dtype':7s} {'sm':>3s} {'regs':>4s} {'smem':>6s} {'stk':>4s} "
            f"{'occ':>5s} {'inst':>5s} {'elem':>5s} {'inst/elem':>9s} {'ldg':>4s} "
            f"{'inflight':>8s} {'calls':>5s}")
     print(hdr)
-    for spec in _specs(args.dtype, args.kernel):
+    for spec in _specs(args.dtype, args.kernel, [a.lower() for a in args.act or []]):
         for cc in args.cc:
-            r = analyse(spec, cc)
+            try:
+                r = analyse(spec, cc)
+            except RuntimeError as e:  # e.g. bfloat16's unresolved shim functions
+                print(f"{spec['label']:34s} {spec['dtype']:7s} {cc:3d} not assembled: "
+                      f"{str(e).strip().splitlines()[-1][:80]}")
+                continue
             lp = r["loop"] or {}
             row = dict(kernel=spec["label"], dtype=spec["dtype"], cc=cc, **{k: v for k, v in
                        r.items() if k != "loop"}, loop=lp)
@@ -238,10 +354,8 @@ def main(argv=None):
                   f"{r['smem']:6d} {r['stack']:4d} {r['occupancy']:5.0%} {loop_txt}",
                   flush=True)
     if args.shapes:
-        from gnnumba.gpu import plan
-
         print()
-        print(plan.prediction_table(rows))
+        print(prediction_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

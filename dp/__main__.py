@@ -143,7 +143,8 @@ def plot(path, coupling, sens, training):
     ax[1].plot(bs, [2 * b + 1 for b in bs], ":", color="gray", label="(2B+1) C bound")
     ax[1].axhline(1.0, color="red", lw=1, label="C (what DP-SGD assumes)")
     ax[1].set(yscale="log", xlabel="batch size B", ylabel="||change of clipped sum|| / C",
-              title="2. Sensitivity (add one sample):\nempirical lower bound, largest of 3 candidates")
+              title="2. Sensitivity (add one sample):\n"
+                    "empirical lower bound, largest of 3 candidates")
     ax[1].legend()
     for a, rows in ((ax[0], coupling), (ax[1], sens)):
         ticks = sorted({r["batch"] for r in rows})

@@ -28,8 +28,8 @@ def digits(seed: int = 0, test_fraction: float = 0.2):
 
 
 def cnn(norm: str = "bn", seed: int = 0, width: int = 8) -> nn.Module:
-    """conv-norm-relu, strided conv-norm-relu (8x8 -> 4x4), linear on the flattened map. ``norm="bn"``: BatchNorm2d;
-    ``norm="gn"``: the same network (same initial weights) after
+    """conv-norm-relu, strided conv-norm-relu (8x8 -> 4x4), linear on the flattened map.
+    ``norm="bn"``: BatchNorm2d; ``norm="gn"``: the same network (same initial weights) after
     ``gnnumba.torch.convert_batchnorm`` (width 8 -> 4 groups, 16 -> 8 groups)."""
     if norm not in ("bn", "gn"):
         raise ValueError(f"norm must be 'bn' or 'gn', got {norm!r}")

@@ -46,8 +46,7 @@ def per_sample_grads(x, dy, num_groups, eps=1e-5, *, activation=None, weight=Non
 def _per_sample_grads(x, dy, G, eps, activation, weight, bias):
     """Statistics, then the per-sample sums; any array kind gnnumba takes."""
     psg = getattr(gnnumba, "per_sample_param_grads", None)
-    if psg is None or not isinstance(x, np.ndarray):
-        # a gnnumba from before the public kernel (or without its CUDA dispatch)
+    if psg is None:  # a gnnumba from before the public kernel
         return _per_sample_by_backward(x, dy, G, eps, activation, weight, bias)
     # the statistics do not depend on the affine or the activation: skip both
     _, mean, rstd = gnnumba.group_norm_forward(x, G, None, None, eps)

@@ -8,6 +8,7 @@ values seen and the fix.
 from __future__ import annotations
 
 import numbers
+import operator
 
 import numpy as np
 
@@ -36,11 +37,17 @@ def valid_group_counts(num_channels: int) -> list[int]:
 
 
 def check_num_groups(num_groups, num_channels: int) -> int:
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+    """An int, or what ``operator.index`` takes (NumPy integers, 0-d integer arrays and
+    tensors, as ``F.group_norm`` accepts); never a bool or a float."""
+    try:
+        if isinstance(num_groups, (bool, np.bool_)) or str(
+                getattr(num_groups, "dtype", "")) in ("bool", "torch.bool"):
+            raise TypeError  # operator.index takes bools
+        num_groups = operator.index(num_groups)
+    except TypeError:
         raise TypeError(
             f"num_groups must be an int, got {type(num_groups).__name__} ({num_groups!r})"
-        )
-    num_groups = int(num_groups)
+        ) from None
     if num_groups < 1:
         raise GroupNormError(f"num_groups must be >= 1, got {num_groups}")
     if num_channels % num_groups != 0:
@@ -119,6 +126,32 @@ def check_stats_shape(name: str, shape: tuple, n: int, num_groups: int) -> None:
         )
 
 
-def stats_dtype(x_dtype) -> np.dtype:
-    """mean/rstd are float64 for float64 input and float32 otherwise (half types included)."""
-    return np.dtype(np.float64) if np.dtype(x_dtype) == np.float64 else np.dtype(np.float32)
+def check_dtype_name(dtype: str, supported, name: str = "x") -> None:
+    """Like ``check_dtype`` for a dtype given by name (half types have no NumPy dtype)."""
+    if dtype not in supported:
+        names = ", ".join(supported)
+        raise TypeError(
+            f"{name} has dtype {dtype}, which is not supported; use one of {names} "
+            f"(e.g. {name}.astype(np.float32), or {name}.float() for a torch tensor)"
+        )
+
+
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """THE rule for what gnnumba accumulates in and returns statistics, per-sample gradients
+    and CUDA partial sums in: float64 only for float64 input, float32 otherwise (half types
+    included). ``dtype``: a NumPy dtype, a dtype name, or a torch/JAX dtype."""
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:  # torch dtypes, and "bfloat16" without ml_dtypes
+            name = str(dtype).removeprefix("torch.")
+    return _FLOAT64 if name == "float64" else _FLOAT32
+
+
+# the name the CUDA backend still uses; the same rule
+stats_dtype = accumulation_dtype

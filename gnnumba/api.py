@@ -1,16 +1,30 @@
 """The array-level API: validation, layout handling and dispatch to a backend.
 
-``x`` is a NumPy array (CPU kernels in ``gnnumba.cpu``) or a CUDA array (kernels in
-``gnnumba.gpu``). Nothing the caller passes is modified, except ``out``.
+``x`` is a CPU array (NumPy, or any array that speaks DLPack: torch, JAX, ...; seen by the
+CPU kernels in ``gnnumba.cpu`` as a zero-copy NumPy view, see ``_arrays``) or a CUDA array
+(kernels in ``gnnumba.gpu``). Results are of x's kind. Nothing the caller passes is
+modified, except ``out``.
+
+``group_norm_backward`` and ``per_sample_param_grads`` share one validated input
+(``_BackwardInputs``) and the same per-sample sums: the backward's dweight/dbias are the
+per-sample gradients summed over N, in order.
 """
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import numpy as np
 
-from . import _checks, activations, cpu
+from . import _arrays, _checks, activations, cpu
 
-CPU_DTYPES = (np.float32, np.float64)
+# element types per kind: NumPy has float32/float64; torch and JAX also bring their half
+# types, which the CPU kernels read as bits and accumulate in float32
+NUMPY_DTYPES = ("float32", "float64")
+DLPACK_DTYPES = NUMPY_DTYPES + _arrays.HALF
+STATS_DTYPES = ("float32", "float64")
+_NUMPY_NAMES = {np.dtype(d): d for d in NUMPY_DTYPES}
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -27,19 +41,21 @@ def _cuda_backend():
     return backend
 
 
-def _check_x(x, name="x"):
-    if _is_cuda_array(x):
-        return _cuda_backend()
-    if not isinstance(x, np.ndarray):
-        hint = ""
-        if type(x).__module__.startswith("torch"):
-            hint = "; for torch tensors use gnnumba.torch.group_norm"
-        raise TypeError(
-            f"{name} must be a numpy.ndarray or a CUDA array, got {type(x).__name__}"
-            f" (convert with np.asarray({name}, dtype=np.float32)){hint}"
-        )
-    _checks.check_dtype(x.dtype, CPU_DTYPES, name)
-    return None
+def _take(a, name, x_kind=None):
+    """(NumPy storage view, dtype name, kind) of a CPU argument, refusing another kind
+    than x's and any dtype its kind does not bring."""
+    if type(a) is np.ndarray and (x_kind is None or x_kind is _arrays.NUMPY):
+        dtype = _NUMPY_NAMES.get(a.dtype)  # the common case in one lookup
+        if dtype is not None:
+            return a, dtype, _arrays.NUMPY
+    storage, dtype, kind = _arrays.take(a, name)
+    if x_kind is not None:
+        _arrays.same_kind(kind, x_kind, name)
+    allowed = NUMPY_DTYPES if kind is _arrays.NUMPY else DLPACK_DTYPES
+    _checks.check_dtype_name(dtype, allowed, name)
+    if dtype in _arrays.HALF:  # NumPy float16 from a DLPack producer: the kernels take bits
+        storage = storage.view(_arrays.storage_dtype(dtype))
+    return storage, dtype, kind
 
 
 # --------------------------------------------------------------------------- layouts
@@ -55,18 +71,21 @@ def is_channels_last(x: np.ndarray) -> bool:
 def _views(x: np.ndarray, channels_last: bool) -> np.ndarray:
     """3-D view (N, C, S) for NCHW or (N, S, C) for channels-last; no copy."""
     N, C = x.shape[:2]
+    S = math.prod(x.shape[2:])  # not -1: N == 0 leaves it undetermined
     if channels_last:
-        return np.moveaxis(x, 1, -1).reshape(N, -1, C)
-    return x.reshape(N, C, -1)
+        return np.moveaxis(x, 1, -1).reshape(N, S, C)
+    return x.reshape(N, C, S)
 
 
-def _empty_like_layout(x: np.ndarray, channels_last: bool, dtype=None) -> np.ndarray:
-    """A new output of x's shape in the given layout, its pages mapped (``cpu.empty``)."""
+def _empty_like_layout(x: np.ndarray, channels_last: bool, dtype=None,
+                       aligned: bool = False) -> np.ndarray:
+    """A new output of x's shape in the given layout, its pages mapped (``_arrays.empty``;
+    ``aligned`` for kinds that need it)."""
     dtype = x.dtype if dtype is None else dtype
     if channels_last:
         shape = (x.shape[0],) + x.shape[2:] + (x.shape[1],)
-        return np.moveaxis(cpu.empty(shape, dtype), -1, 1)
-    return cpu.empty(x.shape, dtype)
+        return np.moveaxis(_arrays.empty(shape, dtype, aligned), -1, 1)
+    return _arrays.empty(x.shape, dtype, aligned)
 
 
 def _as_layout(a: np.ndarray, channels_last: bool) -> np.ndarray:
@@ -87,24 +106,44 @@ def _choose_layout(x: np.ndarray):
     return np.ascontiguousarray(x), False
 
 
-def _param(p, name, C, dtype, default):
-    """The (C,) parameter as the kernels take it: x's dtype, contiguous (no copy when it
-    already is; the kernels never write it)."""
+def _writable_in_layout(a, channels_last) -> bool:
+    return is_channels_last(a) if channels_last else a.flags.c_contiguous
+
+
+def _param(p, name, C, dtype, kind):
+    """(the (C,) parameter as the kernels take it: contiguous, in x's compute dtype (no copy
+    for float32/float64: the kernels never write it), its storage view for overlap checks),
+    or (None, None) for a missing parameter."""
     if p is None:
-        return cpu.default_param(C, dtype, default)
-    if not isinstance(p, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of shape ({C},) or None, "
-                        f"got {type(p).__name__}")
-    _checks.check_same_dtype(name, p.dtype, dtype)
-    _checks.check_param_shape(name, p.shape, C)
-    return np.ascontiguousarray(p)
+        return None, None
+    storage, p_dtype, _ = _take(p, name, kind)
+    _checks.check_same_dtype(name, p_dtype, dtype)
+    _checks.check_param_shape(name, storage.shape, C)
+    return _arrays.as_compute(np.ascontiguousarray(storage), dtype), storage
+
+
+def _params(weight, bias, C, dtype, kind):
+    """Validated (weight, bias) in the compute dtype, defaults for missing ones, and the
+    storage views of those given (for overlap checks)."""
+    cdt = cpu.compute_dtype(_arrays.storage_dtype(dtype))
+    w, ws = _param(weight, "weight", C, dtype, kind)
+    b, bs = _param(bias, "bias", C, dtype, kind)
+    w = cpu.default_param(C, cdt, 1.0) if w is None else w
+    b = cpu.default_param(C, cdt, 0.0) if b is None else b
+    return w, b, [(n, s) for n, s in (("weight", ws), ("bias", bs)) if s is not None]
 
 
 def _is_empty(shape) -> bool:
     return any(d == 0 for d in shape)
 
 
-# --------------------------------------------------------------------------- public API
+def _stats(a64: np.ndarray, acc: np.dtype, kind):
+    """mean/rstd (float64 from the kernels) in the accumulation dtype, as x's kind."""
+    a = a64.astype(acc, copy=False)
+    return kind.wrap(a, _arrays.NAMES[acc])
+
+
+# --------------------------------------------------------------------------- forward
 
 
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
@@ -113,109 +152,168 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, activ
 
     ``mean``/``rstd`` have shape (N, num_groups), float64 for float64 input and float32
     otherwise, with ``rstd = 1/sqrt(var + eps)`` (biased variance). ``y`` keeps the layout
-    of ``x`` (NCHW or channels-last).
+    of ``x`` (NCHW or channels-last). All three are of x's kind (NumPy, torch, JAX, ...).
+    ``out``: a writeable array of x's kind, shape and dtype (x itself for in-place).
     """
-    backend = _check_x(x)
-    _checks.check_ndim(x.shape)
-    G = _checks.check_num_groups(num_groups, x.shape[1])
+    return _forward(x, num_groups, weight, bias, eps, activation, out, stats=True)
+
+
+def _forward(x, num_groups, weight, bias, eps, activation, out, stats):
+    """``group_norm_forward``; with ``stats=False`` mean/rstd are not converted to x's kind
+    (``group_norm`` drops them: for JAX that saves two array constructions, ~20 us each)."""
+    if _is_cuda_array(x):
+        _checks.check_ndim(x.shape)
+        G = _checks.check_num_groups(num_groups, x.shape[1])
+        return _cuda_backend().group_norm_forward(
+            x, G, weight, bias, _checks.check_eps(eps),
+            activation=_checks.check_activation(activation), out=out)
+    xa, dtype, kind = _take(x, "x")
+    _checks.check_ndim(xa.shape)
+    G = _checks.check_num_groups(num_groups, xa.shape[1])
     eps = _checks.check_eps(eps)
-    activation = _checks.check_activation(activation)
-    if backend is not None:
-        return backend.group_norm_forward(x, G, weight, bias, eps, activation=activation,
-                                          out=out)
-    N, C = x.shape[:2]
-    w = _param(weight, "weight", C, x.dtype, 1.0)
-    b = _param(bias, "bias", C, x.dtype, 0.0)
-    sdt = _checks.stats_dtype(x.dtype)
-    xl, channels_last = _choose_layout(x)
-    y = _check_out(out, x, channels_last)
-    if _is_empty(x.shape):
+    act = activations.code(_checks.check_activation(activation))
+    N, C = xa.shape[:2]
+    w, b, given = _params(weight, bias, C, dtype, kind)
+    acc = _checks.accumulation_dtype(dtype)
+    xl, channels_last = _choose_layout(xa)
+    y = _out(out, xa, dtype, kind, channels_last, given)
+    if _is_empty(xa.shape):
         # an empty group has no variance: mean 0 and rstd NaN, as torch.native_group_norm
-        mean = np.zeros((N, G), dtype=sdt)
-        rstd = np.full((N, G), np.nan, dtype=sdt)
-        return y, mean, rstd
-    y_target = y if _writable_in_layout(y, channels_last) else _empty_like_layout(x, channels_last)
-    mean, rstd = cpu.forward(_views(xl, channels_last), G, w, b, eps, activations.code(activation),
-                             _views(y_target, channels_last), channels_last)
-    if y_target is not y:
-        np.copyto(y, y_target)
-    return y, mean.astype(sdt), rstd.astype(sdt)
+        mean, rstd = np.zeros((N, G)), np.full((N, G), np.nan)
+    else:
+        y_target = y if _writable_in_layout(y, channels_last) else \
+            _empty_like_layout(xa, channels_last)
+        mean, rstd = cpu.forward(_views(xl, channels_last), G, w, b, eps, act,
+                                 _views(y_target, channels_last), channels_last)
+        if y_target is not y:
+            np.copyto(y, y_target)
+    y_out = out if out is not None else kind.wrap(y, dtype)
+    if not stats:
+        return y_out, None, None
+    return y_out, _stats(mean, acc, kind), _stats(rstd, acc, kind)
 
 
-def _check_out(out, x, channels_last):
+def _out(out, x, dtype, kind, channels_last, params):
+    """The storage ``y`` is written to: a new array in x's layout, or ``out`` checked."""
     if out is None:
-        return _empty_like_layout(x, channels_last)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    _checks.check_same_shape("out", out.shape, x.shape)
-    if out.dtype != x.dtype:
-        raise TypeError(f"out has dtype {out.dtype.name} but x has dtype {x.dtype.name}; "
-                        f"pass an out array of dtype {x.dtype.name}")
-    if not out.flags.writeable:
+        return _empty_like_layout(x, channels_last, aligned=kind.aligned)
+    o, o_dtype, _ = _take(out, "out", kind)
+    if not kind.writeable:
+        raise TypeError(f"out cannot be a {kind.name} array: {kind.name} arrays are immutable; "
+                        f"leave out=None and use the returned array")
+    _checks.check_same_shape("out", o.shape, x.shape)
+    if o_dtype != dtype:
+        raise TypeError(f"out has dtype {o_dtype} but x has dtype {dtype}; "
+                        f"pass an out array of dtype {dtype}")
+    if not o.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array")
-    if np.may_share_memory(out, x) and not (
-        out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
-        and out.strides == x.strides
+    if np.may_share_memory(o, x) and not (
+        o.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+        and o.strides == x.strides
     ):
         raise ValueError("out partially overlaps x; pass a separate array, or x itself for "
                          "an in-place update")
-    return out
-
-
-def _writable_in_layout(a, channels_last) -> bool:
-    return is_channels_last(a) if channels_last else a.flags.c_contiguous
+    for name, p in params:
+        if np.may_share_memory(o, p):
+            raise ValueError(f"out shares memory with {name}, which the kernels read while "
+                             f"writing out; pass a separate out array")
+    return o
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, out=None):
-    """GroupNorm (Wu & He, 2018) of ``x`` with shape (N, C, *spatial); returns ``y``.
+    """GroupNorm (Wu & He, 2018) of ``x`` with shape (N, C, *spatial); returns ``y`` of x's
+    kind. ``out`` may be a preallocated array of x's kind, shape and dtype (x itself for
+    in-place)."""
+    return _forward(x, num_groups, weight, bias, eps, activation, out, stats=False)[0]
 
-    ``out`` may be a preallocated array of x's shape and dtype (x itself for in-place).
-    """
-    return group_norm_forward(x, num_groups, weight, bias, eps, activation=activation,
-                              out=out)[0]
+
+# --------------------------------------------------------------------------- backward
+
+
+class _BackwardInputs(NamedTuple):
+    """What the backward kernels take, validated: 3-D views in one fast layout, float64
+    statistics, parameters in the compute dtype."""
+
+    dy3: np.ndarray
+    x3: np.ndarray
+    mean: np.ndarray
+    rstd: np.ndarray
+    w: np.ndarray
+    b: np.ndarray
+    act: int
+    channels_last: bool
+    x: np.ndarray  # x in the fast layout (the shape and layout of dx)
+    dtype: str
+    kind: _arrays.Kind
+
+
+def _backward_inputs(dy, x, mean, rstd, num_groups, weight, bias, activation):
+    xa, dtype, kind = _take(x, "x")
+    _checks.check_ndim(xa.shape)
+    G = _checks.check_num_groups(num_groups, xa.shape[1])
+    act = activations.code(_checks.check_activation(activation))
+    dya, dy_dtype, _ = _take(dy, "dy", kind)
+    _checks.check_same_dtype("dy", dy_dtype, dtype)
+    _checks.check_same_shape("dy", dya.shape, xa.shape)
+    N, C = xa.shape[:2]
+    stats = []
+    for name, s in (("mean", mean), ("rstd", rstd)):
+        sa, s_dtype, _ = _take(s, name, kind)
+        _checks.check_dtype_name(s_dtype, STATS_DTYPES, name)
+        _checks.check_stats_shape(name, sa.shape, N, G)
+        stats.append(np.ascontiguousarray(sa, dtype=np.float64))
+    w, b, _ = _params(weight, bias, C, dtype, kind)
+    xl, channels_last = _choose_layout(xa)
+    dyl = _as_layout(dya, channels_last)
+    return _BackwardInputs(_views(dyl, channels_last), _views(xl, channels_last), stats[0],
+                           stats[1], w, b, act, channels_last, xl, dtype, kind)
 
 
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, bias=None, *,
                         activation=None):
     """Gradients ``(dx, dweight, dbias)`` of GroupNorm, from the ``mean``/``rstd`` that
-    ``group_norm_forward`` returned. ``dweight``/``dbias`` are None when the matching
-    parameter is None. ``bias`` is only read for activation="silu"."""
-    backend = _check_x(x)
-    _checks.check_ndim(x.shape)
-    G = _checks.check_num_groups(num_groups, x.shape[1])
-    activation = _checks.check_activation(activation)
-    if backend is not None:
-        return backend.group_norm_backward(dy, x, mean, rstd, G, weight, bias,
-                                           activation=activation)
-    dx, dxh, db = _cpu_backward(dy, x, mean, rstd, G, weight, bias, activation)
-    dw, dbias = cpu.reduce_params(dxh, db)
-    return (dx, dw.astype(x.dtype) if weight is not None else None,
-            dbias.astype(x.dtype) if bias is not None else None)
+    ``group_norm_forward`` returned, as x's kind. ``dweight``/``dbias`` (x's dtype) are None
+    when the matching parameter is None. ``bias`` is only read by an activation (the
+    pre-activation needs it)."""
+    if _is_cuda_array(x):
+        _checks.check_ndim(x.shape)
+        G = _checks.check_num_groups(num_groups, x.shape[1])
+        return _cuda_backend().group_norm_backward(
+            dy, x, mean, rstd, G, weight, bias, activation=_checks.check_activation(activation))
+    p = _backward_inputs(dy, x, mean, rstd, num_groups, weight, bias, activation)
+    N, C = p.x.shape[:2]
+    dx = _empty_like_layout(p.x, p.channels_last, aligned=p.kind.aligned)
+    if _is_empty(p.x.shape):
+        dweight_ps, dbias_ps = np.zeros((N, C)), np.zeros((N, C))
+    else:
+        dweight_ps, dbias_ps = cpu.backward(p.dy3, p.x3, p.mean, p.rstd, p.w, p.b, p.act,
+                                            _views(dx, p.channels_last), p.channels_last)
+    dweight, dbias = cpu.reduce_params(dweight_ps, dbias_ps)  # over N, in order
+    kind, dtype = p.kind, p.dtype
+    return (kind.wrap(dx, dtype),
+            kind.cast(dweight, dtype) if weight is not None else None,
+            kind.cast(dbias, dtype) if bias is not None else None)
 
 
-def _cpu_backward(dy, x, mean, rstd, G, weight, bias, activation):
-    """Validated CPU backward: (dx, per-sample dgamma, per-sample dbeta), the latter two
-    float64 of shape (N, C) (summed over N by ``group_norm_backward``)."""
-    if not isinstance(dy, np.ndarray):
-        raise TypeError(f"dy must be a numpy.ndarray like x, got {type(dy).__name__}")
-    _checks.check_same_dtype("dy", dy.dtype, x.dtype)
-    _checks.check_same_shape("dy", dy.shape, x.shape)
-    N, C = x.shape[:2]
-    for name, s in (("mean", mean), ("rstd", rstd)):
-        if not isinstance(s, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray of shape ({N}, {G}), "
-                            f"got {type(s).__name__}")
-        _checks.check_dtype(s.dtype, CPU_DTYPES, name)
-        _checks.check_stats_shape(name, s.shape, N, G)
-    w = _param(weight, "weight", C, x.dtype, 1.0)
-    b = _param(bias, "bias", C, x.dtype, 0.0)
-    xl, channels_last = _choose_layout(x)
-    dx = _empty_like_layout(x, channels_last)
-    if _is_empty(x.shape):
-        return dx, np.zeros((N, C)), np.zeros((N, C))
-    dyl = _as_layout(dy, channels_last)
-    dxh, db = cpu.backward(_views(dyl, channels_last), _views(xl, channels_last),
-                           np.ascontiguousarray(mean, dtype=np.float64),
-                           np.ascontiguousarray(rstd, dtype=np.float64), w, b,
-                           activations.code(activation), _views(dx, channels_last), channels_last)
-    return dx, dxh, db
+def per_sample_param_grads(dy, x, mean, rstd, num_groups, weight=None, bias=None, *,
+                           activation=None):
+    """The gradients of weight and bias for each sample on its own:
+    ``(dweight_per_sample, dbias_per_sample)``, both of shape (N, C), float64 for float64
+    input and float32 otherwise, as x's kind. Summed over N they are
+    ``group_norm_backward``'s dweight/dbias. Reads x and dy once and computes no dx (the
+    kernel differential privacy needs). Both are returned whether or not ``weight``/``bias``
+    are given (a missing weight is 1, a missing bias 0)."""
+    if _is_cuda_array(x):
+        _checks.check_ndim(x.shape)
+        G = _checks.check_num_groups(num_groups, x.shape[1])
+        return _cuda_backend().per_sample_param_grads(
+            dy, x, mean, rstd, G, weight, bias, activation=_checks.check_activation(activation))
+    p = _backward_inputs(dy, x, mean, rstd, num_groups, weight, bias, activation)
+    N, C = p.x.shape[:2]
+    if _is_empty(p.x.shape):  # empty sums are 0
+        dweight_ps, dbias_ps = np.zeros((N, C)), np.zeros((N, C))
+    else:
+        dweight_ps, dbias_ps = cpu.per_sample_param_grads(p.dy3, p.x3, p.mean, p.rstd, p.w,
+                                                          p.b, p.act, p.channels_last)
+    acc = _checks.accumulation_dtype(p.dtype)
+    return _stats(dweight_ps, acc, p.kind), _stats(dbias_ps, acc, p.kind)

@@ -457,7 +457,9 @@ def plot(results: list[dict], path: str, machine: str) -> None:
               f"{r['layout']}" for r in results]
     xs = np.arange(len(results))
     width = 0.8 / max(1, len(names))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 1.3 * len(results) + 3), 9.5),
+    many = len(results) > 16  # narrower columns, upright labels
+    width_in = min(max(8, (0.5 if many else 1.3) * len(results) + 3), 30)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(width_in, 10.5 if many else 9.5),
                                    sharex=True)
     ratios = [c["speedup_vs_torch"] for r in results for n, c in r["contenders"].items()
               if n in names and c.get("speedup_vs_torch")]
@@ -497,7 +499,9 @@ def plot(results: list[dict], path: str, machine: str) -> None:
              lw=1.2, label="same-size copy (roofline)")
     ax2.set_ylabel("achieved GB/s")
     ax2.legend(fontsize=8, ncol=3)
-    ax2.set_xticks(xs, labels, rotation=45, ha="right", fontsize=7)
+    ax2.set_xticks(xs, labels, rotation=90 if many else 45, ha="center" if many else "right",
+                   fontsize=7)
+    ax1.set_xlim(-0.6, len(results) - 0.4)
     title = "gnnumba bench\n" + "\n".join(textwrap.wrap(machine, 110))
     fig.suptitle(title, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.014 * (title.count("\n") + 1)))

@@ -3,8 +3,8 @@
 Backends and what runs them:
 
 * ``cpu``   — the NumPy array API (``gnnumba`` and ``gnnumba out=`` peers) on the labelled
-  cases below, forward and backward;
-* ``torch`` — the ``gnnumba.torch`` module, the same cases plus half precision;
+  cases of ``gnnumba.cases`` (``CHECK``), forward and backward;
+* ``torch`` — the ``gnnumba.torch`` module, the same cases plus ``CHECK_HALF``;
 * ``dp``    — ``dp.per_sample_grads`` (per-sample dgamma/dbeta);
 * ``cuda``  — ``gnnumba.gpu.selftest.run()`` in a subprocess: on the GPU when Numba sees
   one, else in Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, small shapes, slow).
@@ -22,34 +22,14 @@ import sys
 import time
 from dataclasses import dataclass
 
+from . import cases as C
 from . import peers as P
 
-# (label, shape, groups, layout, activation, dtype): each line says what it exercises.
-CASES = [
-    ("NCHW 4-D, odd spatial", (2, 8, 5, 7), 4, "nchw", None, "float32"),
-    ("NCHW float64", (2, 8, 5, 7), 4, "nchw", None, "float64"),
-    ("(N, C), no spatial dims", (3, 6), 3, "nchw", None, "float32"),
-    ("(N, C, L), 1-D", (2, 12, 33), 3, "nchw", None, "float32"),
-    ("(N, C, D, H, W), 3-D", (1, 8, 3, 4, 5), 2, "nchw", None, "float32"),
-    ("single group (LayerNorm-like)", (2, 8, 4, 4), 1, "nchw", None, "float32"),
-    ("group == channel (InstanceNorm-like)", (2, 8, 4, 4), 8, "nchw", None, "float32"),
-    ("few groups (split path)", (1, 4, 8, 8), 2, "nchw", None, "float32"),
-    ("group larger than L2 (split path, many chunks)", (1, 2, 300, 300), 1, "nchw", None,
-     "float32"),
-    ("channels-last", (2, 16, 5, 6), 4, "channels_last", None, "float32"),
-    ("channels-last 3-D", (1, 8, 2, 3, 4), 2, "channels_last", None, "float32"),
-    ("channels-last float64", (2, 16, 5, 6), 4, "channels_last", None, "float64"),
-    ("silu", (2, 8, 6, 6), 4, "nchw", "silu", "float32"),
-    ("channels-last + silu", (2, 16, 5, 6), 4, "channels_last", "silu", "float32"),
-    ("other strides (copied once)", (2, 8, 4, 6), 4, "strided", None, "float32"),
-    ("empty batch (N=0)", (0, 8, 4, 4), 4, "nchw", None, "float32"),
-]
-# the torch bridge also takes half precision (accumulated in float32)
-TORCH_CASES = CASES + [
-    ("bfloat16", (2, 8, 5, 7), 4, "nchw", None, "bfloat16"),
-    ("float16 channels-last", (2, 16, 5, 6), 4, "channels_last", None, "float16"),
-]
-DP_CASES = [c for c in CASES if c[4] is None]
+# The cases are the package's one table (gnnumba.cases); the torch bridge also takes half
+# precision (accumulated in float32).
+CASES = C.CHECK
+TORCH_CASES = C.CHECK + C.CHECK_HALF
+DP_CASES = [c for c in C.CHECK if c.activation is None]
 MODES = ("forward", "backward")
 
 
@@ -63,10 +43,10 @@ class Outcome:
 
 
 def _problems(cases, modes):
-    for label, shape, G, layout, act, dtype in cases:
+    for c in cases:
         for mode in modes:
-            yield P.Problem(shape, G, dtype=dtype, layout=layout, activation=act, mode=mode,
-                            label=label)
+            yield P.Problem(c.shape, c.groups, dtype=c.dtype, layout=c.layout,
+                            activation=c.activation, mode=mode, label=c.label)
 
 
 def check_peers(backend: str, peer_names, cases, modes) -> Outcome:
@@ -95,7 +75,7 @@ def check_peers(backend: str, peer_names, cases, modes) -> Outcome:
                 failures.append(f"{where}: raised {type(e).__name__}: {e}")
                 lines.append(f"  FAIL {where}: raised {type(e).__name__}")
                 continue
-            tol = P.TOLERANCE[p.dtype]
+            tol = C.TOLERANCE[p.dtype]["y" if p.mode == "forward" else "grad"]
             worst = max(worst, err / tol)
             ok = err <= tol
             lines.append(f"  {'ok  ' if ok else 'FAIL'} {where}: error {err:.1e} "

@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import cases as C
 from .activations import NAMES as ACTIVATIONS
 from .activations import TORCH_NAMES
 
@@ -52,13 +53,9 @@ TRAFFIC = {"forward": 2, "backward": 3, "forward+backward": 5, "per_sample_grads
 # --------------------------------------------------------------------------- problems
 
 
-@dataclass(frozen=True)
-class Case:
-    """A named shape: what the benchmark tables and test ids show."""
-
-    label: str
-    shape: tuple
-    groups: int
+# A named shape (label, shape, groups): what the benchmark tables and test ids show. The
+# labelled cases and the shape sets live in gnnumba.cases, the one table of cases.
+Case = C.Case
 
 
 @dataclass(frozen=True)
@@ -107,65 +104,23 @@ class Problem:
         return f"{self.mode}-{shape}-G{self.groups}-{self.layout}-{self.dtype}{act}-{self.device}"
 
     def arrays(self, seed: int = 0) -> dict:
-        """float64 inputs, C-contiguous: x (off-centre, so a cancelling E[x^2]-E[x]^2 would
-        show), dy, weight, bias. Peers cast and lay them out themselves."""
-        rng = np.random.default_rng(seed)
-        C = self.shape[1]
-        return {
-            "x": rng.standard_normal(self.shape) * 2.0 + 3.0,
-            "dy": rng.standard_normal(self.shape),
-            "weight": rng.standard_normal(C) * 0.5 + 1.0,
-            "bias": rng.standard_normal(C) * 0.5,
-        }
+        """float64 inputs, C-contiguous (``gnnumba.cases.inputs``): x off-centre (so a
+        cancelling E[x^2]-E[x]^2 would show), dy, weight, bias. Peers cast and lay them out
+        themselves."""
+        x, w, b, dy = C.inputs(self.shape, "float64", seed, distribution="offset")
+        return {"x": x, "dy": dy, "weight": w, "bias": b}
 
 
-def lay_out(a: np.ndarray, layout: str) -> np.ndarray:
-    """A copy of C-contiguous ``a`` with the same values in the given memory layout."""
-    if layout == "nchw":
-        return np.ascontiguousarray(a)
-    if layout == "channels_last":
-        return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
-    # "strided": every other element of a twice-as-wide buffer, a layout no fast path takes
-    wide = np.empty(a.shape[:-1] + (2 * a.shape[-1],), dtype=a.dtype)
-    wide[..., ::2] = a
-    return wide[..., ::2]
+# A copy of C-contiguous ``a`` with the same values in another memory layout ("strided":
+# every other element of a twice-as-wide buffer, a layout no fast path takes).
+lay_out = C.lay_out
 
 
 # --------------------------------------------------------------------------- shape sets
 
-
-def _r50(batch: int) -> list[Case]:
-    # ResNet-50's GroupNorm layers (G=32, torchvision v1.5 strides): stem, then the distinct
-    # (C, H) of each stage's bottleneck widths and outputs.
-    chw = [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14),
-           (512, 7), (2048, 7)]
-    return [Case(f"R50 b{batch} C{c} {h}²", (batch, c, h, h), 32) for c, h in chw]
-
-
-SHAPE_SETS: dict[str, list[Case]] = {
-    "tiny": [Case("tiny", (1, 32, 8, 8), 8)],
-    # two channels per group, a few cache-sized groups: what the CI smoke runs use
-    "small": [Case("small", (2, 64, 16, 16), 32)],
-    "resnet50-b2": _r50(2),
-    "resnet50-b32": _r50(32),
-    # Stable Diffusion UNet levels (batch 2, G=32): 64², 32², 16², 8² latents
-    "sd-unet": [Case(f"SD C{c} {h}²", (2, c, h, h), 32)
-                for c, h in ((320, 64), (640, 32), (1280, 16), (1280, 8))],
-    "video": [Case("video 8×64²", (1, 128, 8, 64, 64), 32)],
-    # What real models run (G=32): the Stable Diffusion UNet levels at batch 2, the four
-    # ResNet-50-with-GN stage outputs at batch 8 (56² down to 7²), and two 3-D video blocks.
-    # `gnnumba bench --shapes models` runs them in both layouts, forward and forward+backward.
-    "models": [
-        *[Case(f"SD-UNet C{c} {h}²", (2, c, h, h), 32)
-          for c, h in ((320, 64), (640, 32), (1280, 16), (1280, 8))],
-        *[Case(f"R50-GN b8 C{c} {h}²", (8, c, h, h), 32)
-          for c, h in ((256, 56), (512, 28), (1024, 14), (2048, 7))],
-        Case("video C128 8×32²", (1, 128, 8, 32, 32), 32),
-        Case("video C256 4×16²", (1, 256, 4, 16, 16), 32),
-    ],
-    # 32 MiB of float32 in, 32 MiB out: more than L3 on most machines
-    "dram": [Case("DRAM 8×256×64²", (8, 256, 64, 64), 32)],
-}
+# tiny, small, resnet50-b2/-b32, sd-unet, video, models (SD-UNet b2, ResNet-50-GN b8 stages,
+# 3-D video blocks) and dram: see gnnumba.cases
+SHAPE_SETS = C.SHAPE_SETS
 
 
 # --------------------------------------------------------------------------- peers
@@ -533,19 +488,18 @@ def _rounded(a: np.ndarray, dtype: str) -> np.ndarray:
     return torch.from_numpy(a).to(torch.bfloat16).double().numpy()
 
 
-# Tolerance on max|peer - reference| relative to max(1, max|reference|): bfloat16 keeps 8
-# mantissa bits, float16 11, float32 24 (the sums over a group lose a few more).
-TOLERANCE = {"float64": 1e-9, "float32": 2e-4, "float16": 4e-3, "bfloat16": 3e-2}
+def tolerance(p: Problem) -> float:
+    """Largest scaled error a peer may show on ``p`` (``gnnumba.cases.TOLERANCE``: the
+    forward's own, or the looser one of gradients, which sum over a group)."""
+    return C.TOLERANCE[p.dtype]["y" if p.mode == "forward" else "grad"]
 
 
 def max_error(got: tuple, want: tuple) -> float:
-    """Largest scaled error over all outputs (inf on a shape mismatch or a NaN)."""
+    """Largest scaled error (``gnnumba.cases.scaled_error``) over all outputs; inf for a
+    missing output, a shape mismatch or a NaN."""
     worst = 0.0
     for g, w in zip(got, want):
-        if g is None or g.shape != w.shape:
+        if g is None:
             return math.inf
-        if w.size == 0:
-            continue
-        err = float(np.max(np.abs(g - w))) / max(1.0, float(np.max(np.abs(w))))
-        worst = max(worst, err if err == err else math.inf)
+        worst = max(worst, C.scaled_error(g, w))
     return worst

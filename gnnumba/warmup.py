@@ -1,17 +1,18 @@
 """Compile (or load from Numba's on-disk cache) every CPU kernel before the first real call.
 
 Numba compiles each kernel the first time it meets a new combination of dtype and memory
-layout: 1-4 s each, about 16 s for everything on a cold cache. The machine code is then
+layout: 1-4 s each, about 16-20 s for everything on a cold cache. The machine code is then
 written to Numba's cache, so later processes only load it (milliseconds). ``gnnumba warmup``
-(or :func:`precompile`) pays that cost up front, with a progress bar: run it once after
-installing, or in a container image's build step, so that no training run or request
+(or ``gnnumba.precompile()``) pays that cost up front, with a progress bar: run it once
+after installing, or in a container image's build step, so that no training run or request
 stalls on a first call.
 
 Where the cache lives (Numba's rules): ``$NUMBA_CACHE_DIR`` when set; otherwise a
 ``__pycache__`` folder beside gnnumba's own modules when that is writable; otherwise a
-per-user folder (``~/.cache/numba/...`` style, chosen by Numba). For a read-only install
-or a container, set ``NUMBA_CACHE_DIR`` to a writable path both when warming up and when
-running (the cache is keyed by source file and CPU, so it can be built into the image).
+per-user folder (``~/.cache/numba`` on Linux). For a read-only install or a container, set
+``NUMBA_CACHE_DIR`` to a writable path both when warming up and when running. Entries are
+keyed by the source file (path and modification time) and the CPU model, so a cache built
+into an image is reused on machines with the same CPU and silently rebuilt elsewhere.
 """
 
 from __future__ import annotations

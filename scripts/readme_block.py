@@ -15,7 +15,8 @@ def write_block(readme_path: str, name: str, text: str) -> int:
     begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     with open(readme_path) as f:
         readme = f.read()
-    if readme.count(begin) != 1 or readme.count(end) != 1 or readme.index(begin) > readme.index(end):
+    if (readme.count(begin) != 1 or readme.count(end) != 1
+            or readme.index(begin) > readme.index(end)):
         print(f"readme_block: {readme_path} needs one {begin} ... {end} pair", file=sys.stderr)
         return 1
     head, rest = readme.split(begin)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Turn ``gnnumba bench --json PATH`` output into the README's Markdown performance table.
 
-    gnnumba bench --shapes tiny,sd-unet,video,dram --json bench.json
+    gnnumba bench --shapes tiny,models,dram --modes forward,forward+backward --json bench.json
     python scripts/readme_table.py bench.json --readme README.md
 
 ``--readme`` replaces what stands between README's ``<!-- bench-table -->`` and
@@ -17,8 +17,11 @@ import sys
 
 # Columns, left to right; a contender that no problem has is left out.
 TIME_COLUMNS = ("gnnumba", "gnnumba out=", "gnnumba.torch", "torch", "numpy", "dp", "opacus")
-# Whose speedup and bandwidth the right-hand columns show: the first one present.
-OURS = ("gnnumba", "dp")
+# Whose ratio to the baseline gets a column (the first two: issue 9's "through gnnumba.torch"
+# and the array API; dp for per-sample gradients).
+RATIO_COLUMNS = ("gnnumba.torch", "gnnumba", "dp")
+# Whose bandwidth the right-hand columns show: the kernel alone when it was timed.
+BANDWIDTH_OF = ("gnnumba out=", "gnnumba", "dp")
 
 
 def _t(s: float) -> str:
@@ -30,33 +33,39 @@ def _t(s: float) -> str:
 def table(report: dict) -> str:
     results = report["results"]
     present = [c for c in TIME_COLUMNS if any(c in r["contenders"] for r in results)]
-    head = ["problem", "shape (G)", "mode", "layout", *present, "speedup", "GB/s", "of copy"]
+    ratios = [c for c in RATIO_COLUMNS if any(c in r["contenders"] for r in results)]
+    head = ["problem", "shape (G)", "mode", "layout", *present,
+            *[f"{c} vs torch" for c in ratios], "GB/s", "of copy"]
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
     for r in results:
         cs = r["contenders"]
-        ours = next((o for o in OURS if o in cs), None)
+        mark = "" if r.get("trusted", True) else " ?"
         times = [_t(cs[c]["median_s"]) if c in cs else "" for c in present]
-        if ours is not None and cs[ours]["speedup_vs_torch"] is not None:
-            speed = f"**{cs[ours]['speedup_vs_torch']:.2f}×**"
-        else:
-            speed = "—"
+        speed = [f"**{cs[c]['speedup_vs_torch']:.2f}×**{mark}"
+                 if c in cs and cs[c]["speedup_vs_torch"] is not None else "—" for c in ratios]
+        ours = next((o for o in BANDWIDTH_OF if o in cs), None)
         gbps = f"{cs[ours]['gbps']:.1f}" if ours else "—"
         frac = f"{cs[ours]['frac_copy']:.0%}" if ours else "—"
         shape = "×".join(map(str, r["shape"])) + f" ({r['groups']})"
-        act = " + silu" if r.get("activation") else ""
+        act = f" + {r['activation']}" if r.get("activation") else ""
         lines.append("| " + " | ".join([r["label"], shape, r["mode"].replace("_", " ") + act,
-                                        r["layout"].replace("_", "-"), *times, speed, gbps,
+                                        r["layout"].replace("_", "-"), *times, *speed, gbps,
                                         frac]) + " |")
     dtypes = sorted({r["dtype"] for r in results})
     notes = (
         f"Measured on: {report['machine_line']}. {', '.join(dtypes)}; median of interleaved "
-        "repetitions (`gnnumba bench`). *speedup* = time of torch native `F.group_norm` "
-        "(of Opacus' GroupNorm sampler for per-sample grads) / time of gnnumba (of "
-        "`dp.per_sample_grads`); *GB/s* counts the bytes the operation must move (forward: "
-        "read x, write y; backward: read x and dy, write dx; per-sample grads: read x and dy); "
-        "*of copy* compares it with `np.copyto` of the same byte count timed in the same run."
+        "repetitions (`gnnumba bench`). *X vs torch* = time of torch native `F.group_norm` "
+        "(of Opacus' GroupNorm sampler for per-sample grads) / time of X; *GB/s* counts the "
+        "bytes the operation must move (forward: read x, write y; backward: read x and dy, "
+        "write dx; per-sample grads: read x and dy) for the kernel alone (`gnnumba out=` where "
+        "timed); *of copy* compares it with `np.copyto` of the same byte count timed in the "
+        "same run."
     )
+    noise = report.get("noise")
+    if noise and noise.get("reasons"):
+        notes += (" **This run was noisy** (" + "; ".join(noise["reasons"]) + "): rows marked "
+                  "? did not pass the noise checks.")
     return notes + "\n\n" + "\n".join(lines) + "\n"
 
 

@@ -326,7 +326,14 @@ def test_readme_table_from_bench_json(tmp_path, capsys):
     md = capsys.readouterr().out
     assert md.startswith("Measured on: ")
     assert "| problem | shape (G) | mode | layout | gnnumba |" in md
+    assert "| gnnumba vs torch | GB/s | of copy |" in md
     assert "| tiny | 1×32×8×8 (8) | forward | nchw |" in md
+    report = json.loads(out.read_text())
+    report["results"][0]["trusted"] = False
+    report["noise"] = {"reasons": ["1 of 1 rows stayed noisy"]}
+    md = rt.table(report)
+    assert "**This run was noisy** (1 of 1 rows stayed noisy)" in md
+    assert "×** ?" in md  # the untrusted row's ratios are marked
 
 
 def test_readme_table_reports_a_bad_file(tmp_path, capsys):

@@ -84,14 +84,18 @@ def test_against_reference(small, case):
 
 
 @device
-def test_selftest_run_reports_every_case(small):
+def test_selftest_run_reports_every_case(small, monkeypatch):
+    """run() reports a forward and a backward line per case, and an exception as a failed
+    line (the cases themselves are checked by test_against_reference)."""
+    monkeypatch.setattr(selftest, "CASES", selftest.CASES[:1] + [
+        ("broken", (2, 6, 5, 7), 4, np.float32, False, None)])  # C=6, G=4: ValueError
     results = selftest.run()
-    assert len(results) == 2 * len(selftest.CASES)
-    assert all(ok for _, ok, _ in results), results
+    assert [ok for _, ok, _ in results] == [True, True, False], results
+    assert "must be divisible by num_groups" in results[2][0]
 
 
 @device
-@pytest.mark.parametrize("fused_items", [2, 64])  # 2: split path (3 kernels); 64: on-chip
+@pytest.mark.parametrize("fused_items", [2, 64])  # 2: split path (2 kernels); 64: on-chip
 def test_split_and_fused_paths_agree(small, monkeypatch, fused_items):
     if SIM:
         monkeypatch.setattr(config, "FUSED_ITEMS", fused_items)
@@ -171,6 +175,15 @@ def test_empty_inputs(small):
     y, m, r = gc.group_norm_forward(_dev(np.zeros((2, 4, 0), np.float32)), 2, None, None, 1e-5)
     assert _host(y).shape == (2, 4, 0)
     assert np.all(_host(m) == 0) and np.all(np.isnan(_host(r)))  # as the CPU path
+    w = _dev(np.ones(4, np.float32))
+    for shape in ((2, 4, 0), (0, 4, 3)):  # empty sums are 0
+        xd = _dev(np.zeros(shape, np.float32))
+        _, m, r = gc.group_norm_forward(xd, 2, None, None, 1e-5)
+        dx, dw, db = gc.group_norm_backward(xd, xd, m, r, 2, w, w)
+        assert _host(dx).shape == shape
+        assert np.array_equal(_host(dw), np.zeros(4)) and np.array_equal(_host(db), np.zeros(4))
+        dwn, dbn = gc.per_sample_param_grads(xd, xd, m, r, 2, w, w)
+        assert _host(dwn).shape == (shape[0], 4) and not np.any(_host(dbn))
 
 
 @device
@@ -330,12 +343,13 @@ def test_every_activation_forward_backward_per_sample(small, act, cl):
 @device
 @pytest.mark.parametrize("path, shape, G, cl, expected", [
     ("fused", (2, 4, 3, 5), 2, False, dict(forward=1, backward=3, per_sample=2)),
-    ("split", (2, 6, 5, 7), 3, False, dict(forward=3, backward=3, per_sample=2)),
+    ("split", (2, 6, 5, 7), 3, False, dict(forward=2, backward=3, per_sample=2)),
     ("channels_last", (2, 6, 4, 5), 3, True, dict(forward=3, backward=3, per_sample=2)),
 ])
 def test_launch_counts(small, monkeypatch, path, shape, G, cl, expected):
-    """Forward: 1 launch for a group in one block's registers, else 3; backward 3 (sums,
-    merge, dx with the parameter sums); per-sample gradients 2 (no dx)."""
+    """Forward: 1 launch for a group in one block's registers, else 2 (NCHW) or 3
+    (channels-last); backward 3 (sums, merge, dx with the parameter sums); per-sample
+    gradients 2 (no dx)."""
     if SIM and path == "fused":
         monkeypatch.setattr(config, "FUSED_ITEMS", 64)
     names = []
@@ -388,11 +402,15 @@ def test_constant_groups_are_exact(small, monkeypatch, cl, fused_items):
 
 @device
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("offset", [1e4, -3e5])
-def test_large_offsets_stay_accurate(small, cl, offset):
-    """x = offset + randn in float32 across several blocks and flushes: the shifted sums
-    keep the variance to float32 accuracy of the spread (E[x^2] - E[x]^2 would lose it)."""
-    x, dy, w, b = _case((2, 4, 9, 8), np.float32, seed=4, offset=offset, scale=1.0)
+@pytest.mark.parametrize("offset", [-3e5])
+@pytest.mark.parametrize("min_block", [16, 4096], ids=["blocks", "flushes"])
+def test_large_offsets_stay_accurate(small, monkeypatch, cl, offset, min_block):
+    """x = offset + randn in float32 across several blocks per group ("blocks"), or in one
+    block per group where each thread flushes its shifted sums several times ("flushes"):
+    the variance keeps float32 accuracy of the spread (E[x^2] - E[x]^2 would lose it)."""
+    if SIM:
+        monkeypatch.setattr(config, "MIN_BLOCK_ELEMS", min_block)
+    x, dy, w, b = _case((2, 4, 9, 16), np.float32, seed=4, offset=offset, scale=1.0)
     y, m, r = gc.group_norm_forward(_dev(x, cl), 2, _dev(w), _dev(b), 1e-5)
     yr, mr, rr = reference.forward(x, 2, w, b, 1e-5)
     np.testing.assert_allclose(_host(r), rr, rtol=2e-3)
@@ -434,18 +452,45 @@ def test_launch_plans_are_cached(small):
 
 
 @device
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
-def test_whole_tiles_and_tails(small, cl):
+def test_whole_tiles_and_tails(small, cl, dtype):
     """Rows long enough for whole register tiles (loads without bounds checks) followed by a
-    tail (S = 150: NCHW chunks of 64, 64, 22; channels-last blocks of 16 positions and one
-    of 6), through the forward, backward and per-sample kernels."""
-    x, dy, w, b = _case((1, 4, 10, 15), np.float32, seed=6)
+    tail (S = 150: NCHW chunks of 64, 64, 22, or 128, 22 for float16's tiles of twice as
+    many values; channels-last blocks of 16 or 32 positions and a shorter one), through the
+    forward, backward and per-sample kernels."""
+    x, dy, w, b = _case((1, 4, 10, 15), dtype, seed=6)
     xd, dyd, wd, bd = _dev(x, cl), _dev(dy, cl), _dev(w), _dev(b)
     y, m, r = gc.group_norm_forward(xd, 2, wd, bd, 1e-5, activation="silu")
     dx, dw, db = gc.group_norm_backward(dyd, xd, m, r, 2, wd, bd, activation="silu")
     dwn, dbn = gc.per_sample_param_grads(dyd, xd, m, r, 2, wd, bd, activation="silu")
     yr, _, rr = selftest.reference_forward(x, 2, w, b, 1e-5, "silu")
     dxr, dwr, dbr, dwnr, dbnr = selftest.reference_backward(dy, x, 2, w, b, 1e-5, "silu")
-    for got, want, tol in [(y, yr, 1e-5), (r, rr, 1e-5), (dx, dxr, 1e-4), (dw, dwr, 1e-4),
-                           (db, dbr, 1e-4), (dwn, dwnr, 1e-4), (dbn, dbnr, 1e-4)]:
+    f = 1 if dtype == np.float32 else 300  # float16 outputs: rounding of 2**-11
+    for got, want, tol in [(y, yr, 1e-5 * f), (r, rr, 1e-5), (dx, dxr, 1e-4 * f),
+                           (dw, dwr, 1e-4 * f), (db, dbr, 1e-4 * f), (dwn, dwnr, 1e-4),
+                           (dbn, dbnr, 1e-4)]:
+        assert _rel_err(got, want) <= tol
+
+
+@device
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_bfloat16_natively(small, cl):
+    """bfloat16 arrays (ml_dtypes) run the kernels directly, accumulating in float32: y and
+    dx are bfloat16, mean/rstd and the per-sample gradients float32."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    x, dy, w, b = _case((2, 6, 4, 5), np.float32, seed=8)
+    x, dy, w, b = (a.astype(bf16) for a in (x, dy, w, b))
+    xd, dyd, wd, bd = _dev(x, cl), _dev(dy, cl), _dev(w), _dev(b)
+    y, m, r = gc.group_norm_forward(xd, 3, wd, bd, 1e-5, activation="gelu")
+    dx, dw, db = gc.group_norm_backward(dyd, xd, m, r, 3, wd, bd, activation="gelu")
+    dwn, dbn = gc.per_sample_param_grads(dyd, xd, m, r, 3, wd, bd, activation="gelu")
+    assert _host(y).dtype == bf16 and _host(dx).dtype == bf16 and _host(m).dtype == np.float32
+    assert _host(dwn).dtype == np.float32
+    f = [a.astype(np.float64) for a in (x, dy, w, b)]
+    yr, mr, rr = selftest.reference_forward(f[0], 3, f[2], f[3], 1e-5, "gelu")
+    dxr, dwr, dbr, dwnr, dbnr = selftest.reference_backward(f[1], f[0], 3, f[2], f[3], 1e-5,
+                                                            "gelu")
+    for got, want, tol in [(y, yr, 1e-2), (m, mr, 1e-6), (r, rr, 1e-5), (dx, dxr, 2e-2),
+                           (dw, dwr, 2e-2), (dwn, dwnr, 1e-4), (dbn, dbnr, 1e-4)]:
         assert _rel_err(got, want) <= tol

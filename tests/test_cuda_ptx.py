@@ -1,9 +1,9 @@
 """Every CUDA kernel specialisation compiles to PTX for sm_80 and sm_90, with no GPU.
 
-Specialisations: input dtype (float16/float32/float64) x kernel (the NCHW and
-channels-last layouts are separate kernels) x activation (for the kernels that apply it:
-every activation of ``gnnumba.activations`` for float32 on sm_90, None and "silu" for the
-other dtype/architecture pairs, to keep CI time small). Where ``ptxas`` is installed the PTX is also assembled, and the registers,
+Specialisations: input dtype (float16/bfloat16/float32/float64) x kernel (the NCHW and
+channels-last layouts are separate kernels) x activation (for the kernels that apply it),
+thinned to keep CI time small (see ``specializations``); ``benchmarks/cuda_sass.py``
+compiles all of them. Where ``ptxas`` is installed the PTX is also assembled, and the registers,
 shared memory, stack and spills per kernel are checked (no spills, no local-memory stack
 in the hot kernels: the per-thread tiles must live in registers).
 
@@ -31,19 +31,21 @@ from gnnumba import activations
 from gnnumba.gpu import config, kernels
 
 CCS = [(8, 0), (9, 0)]
-DTYPES = ["float16", "float32", "float64"]
+DTYPES = ["float16", "float32", "float64"]  # and bfloat16, natively on sm_80/sm_90
 # the kernels that stream the tensor: they must not touch local memory
 HOT = set(kernels.STREAMED_INPUTS)
 
 
 def specializations():
+    """sm_90: every dtype (bfloat16 included), every activation for float32, None and silu
+    for the others; sm_80: float16 and float32 without activation (the code that differs
+    between the two architectures is the same for every activation)."""
     for cc in CCS:
-        for dt in DTYPES:
-            every = dt == "float32" and cc == (9, 0)
+        for dt in DTYPES + ["bfloat16"] if cc == (9, 0) else ["float16", "float32"]:
             for name in kernels.kernel_names():
                 acts = [None]
-                if name in kernels.ACT_KERNELS:
-                    acts = list(activations.CODES) if every else [None, "silu"]
+                if name in kernels.ACT_KERNELS and cc == (9, 0):
+                    acts = list(activations.CODES) if dt == "float32" else [None, "silu"]
                 for act in acts:
                     yield cc, dt, name, act
 
@@ -60,11 +62,13 @@ def compile_ptx(spec, out_dtype=None):
     key = spec + (out_dtype,)
     if key not in _PTX:
         cc, dt, name, act = spec
-        acc = "float64" if dt == "float64" else "float32"
-        ks = kernels.build(config.THREADS, config.ITEMS, config.FUSED_ITEMS, config.FLUSH, acc,
+        acc = "float64" if dt == "float64" else "float32"  # bfloat16 accumulates in float32
+        K = config.ITEMS * (2 if dt in ("float16", "bfloat16") else 1)  # launch.items
+        ks = kernels.build(config.THREADS, K, config.FUSED_ITEMS, config.FLUSH, acc,
                            activations.code(act))
-        ptx, _ = cuda.compile_ptx(getattr(ks, name).py_func,
-                                  kernels.signatures(dt, out_dtype)[name], cc=cc)
+        k = getattr(ks, name)
+        ptx, _ = cuda.compile_ptx(k.py_func, kernels.signatures(dt, out_dtype)[name], cc=cc,
+                                  launch_bounds=k.targetoptions.get("launch_bounds"))
         _PTX[key] = ptx
     return _PTX[key]
 
@@ -124,9 +128,21 @@ def test_half_input_float32_parameter_gradients_compile(layout):
     assert "st.global.f32" in ptx
 
 
+# bfloat16 conversions are calls into numba-cuda's bfloat16 shim, linked when the kernel is
+# loaded on a GPU: ptxas alone cannot resolve them, so their resources are not checked here.
+RESOURCE_SPECS = [s for s in SPECS if s[1] in ("float32", "float64") or
+                  (s[1] == "float16" and s[2] in HOT)]
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s[1] == "bfloat16" and s[2] in HOT],
+                         ids=[_id(s) for s in SPECS if s[1] == "bfloat16" and s[2] in HOT])
+def test_bfloat16_loads_are_16_bit(spec):
+    """bfloat16 tensors are read as 16-bit values (no float32 copy of the input)."""
+    assert re.search(r"ld\.global(\.nc)?\.(b16|u16)", compile_ptx(spec))
+
+
 @pytest.mark.skipif(PTXAS is None, reason="ptxas not installed")
-@pytest.mark.parametrize("spec", [s for s in SPECS if s[1] != "float16" or s[2] in HOT],
-                         ids=[_id(s) for s in SPECS if s[1] != "float16" or s[2] in HOT])
+@pytest.mark.parametrize("spec", RESOURCE_SPECS, ids=[_id(s) for s in RESOURCE_SPECS])
 def test_ptxas_resources(spec):
     res, _ = ptxas_resources(compile_ptx(spec), spec[0])
     assert res["spill_stores"] == 0 and res["spill_loads"] == 0, res

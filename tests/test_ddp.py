@@ -67,7 +67,8 @@ def test_ddp_two_gloo_ranks_identical_and_match_torch(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(_SCRIPT)
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
+                                            os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(script), str(_free_port()), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import dp  # noqa: E402  (registers the sampler)
 from dp import sensitivity  # noqa: E402
 from gnnumba import activations, config, reference  # noqa: E402
 from gnnumba.torch import GroupNorm  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from opacus.grad_sample import GradSampleModule  # noqa: E402
 from opacus.utils.per_sample_gradients_utils import (  # noqa: E402
@@ -37,29 +38,8 @@ SHAPES = [
 ]
 
 
-def _supported(activation) -> bool:
-    """Whether gnnumba's kernels and the float64 reference both compute this activation yet
-    (relu/gelu land with the activation table). Until then its tests are reported as
-    expected failures (x/X), never as passes: the kernel and the reference may both still
-    ignore it and agree."""
-    if activation is None:
-        return True
-    import gnnumba
-
-    z = np.linspace(-3, 3, 24).reshape(1, 2, 12)
-    plain = reference.forward(z, 1)[0]
-    want = activations.numpy_forward(activation, plain)
-    return (np.allclose(gnnumba.group_norm(z, 1, activation=activation), want, atol=1e-12)
-            and np.allclose(reference.forward(z, 1, activation=activation)[0], want))
-
-
-def _activation_params():
-    return [a if _supported(a) else pytest.param(a, marks=pytest.mark.xfail(
-        reason=f"gnnumba's kernels or reference do not compute activation={a!r} yet"))
-        for a in activations.NAMES]
-
-
-ACTIVATIONS = _activation_params()
+# every activation of the table, in every test that takes one
+ACTIVATIONS = list(activations.NAMES)
 
 
 def _channels_last(a):
@@ -252,7 +232,8 @@ def test_registered_for_the_exact_class():
         GradSampleModuleFastGradientClipping as Ghost,
     )
 
-    assert GradSampleModule.GRAD_SAMPLERS[GroupNorm] is dp.grad_sampler.compute_group_norm_grad_sample
+    gs = dp.grad_sampler
+    assert GradSampleModule.GRAD_SAMPLERS[GroupNorm] is gs.compute_group_norm_grad_sample
     assert Ghost.NORM_SAMPLERS[GroupNorm] is dp.grad_sampler.compute_group_norm_norm_sample
     assert list(GroupNorm(2, 4).buffers()) == []
 
@@ -270,8 +251,11 @@ def _gn(G, C, activation, affine=True, seed=0):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(N=st.integers(1, 5), Cg=st.integers(1, 4), G=st.integers(1, 4),
        spatial=st.lists(st.integers(1, 5), min_size=0, max_size=3),
-       activation=st.sampled_from([None, "silu"]), seed=st.integers(0, 2**16))
+       activation=st.sampled_from(activations.NAMES), seed=st.integers(0, 2**16))
 def test_opacus_check_per_sample_gradients(N, Cg, G, spatial, activation, seed):
+    # the micro-batch reference runs batches of one sample, and torch (so gnnumba.torch)
+    # refuses a batch with one value per group
+    assume(Cg * math.prod(spatial) > 1)
     torch.manual_seed(seed)
     x = torch.randn(N, Cg * G, *spatial)
     model = _gn(G, Cg * G, activation, seed=seed)
@@ -324,26 +308,9 @@ def test_opacus_conv2d_channels_last_trap_warns_once(monkeypatch):
                     "drop dp.grad_sampler's channels_last warning")
 
 
-def _torch_func_supported() -> bool:
-    """Whether gnnumba.torch works under torch.func transforms (what Opacus' "functorch"
-    and "ew" modes need; the torch bridge gains it with its setup_context/vmap support)."""
-    try:
-        torch.func.vmap(lambda t: GroupNorm(2, 4)(t))(torch.randn(2, 3, 4, 5))
-        return True
-    except RuntimeError:
-        return False
-
-
-_NEEDS_FUNC = pytest.mark.xfail(
-    not _torch_func_supported(), strict=True,
-    reason="gnnumba.torch does not support torch.func (vmap) yet: Opacus raises 'In order to "
-           "use an autograd.Function with functorch transforms ... it must override the "
-           "setup_context staticmethod' (functorch) / 'Expanded Weights encountered but cannot "
-           "handle function' (ew)")
-
-
-@pytest.mark.parametrize("mode", ["hooks", pytest.param("functorch", marks=_NEEDS_FUNC),
-                                  pytest.param("ew", marks=_NEEDS_FUNC)])
+# "functorch" runs vmap(grad) over the module (gnnumba.torch's torch.func rules), "ew" wraps
+# the parameters in torch's ExpandedWeight; "hooks" calls dp's registered sampler
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_opacus_check_every_grad_sample_mode(mode, activation):
     torch.manual_seed(0)
@@ -606,3 +573,22 @@ def test_per_sample_grads_in_a_forked_child():
     r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fallback_without_public_kernel_gives_the_same_numbers(monkeypatch, layout):
+    # dp uses gnnumba.per_sample_param_grads when gnnumba has it, else one backward over
+    # the batch seen as one sample of N*C channels: both must match the reference
+    import gnnumba
+
+    x, dy, w, b = _data((3, 8, 5, 4), np.float64, seed=7)
+    xx, dd = (x, dy) if layout == "nchw" else (_channels_last(x), _channels_last(dy))
+    want = reference.backward(dy, x, 4, w, b, 1e-5, "gelu")[3:5]
+    direct = dp.per_sample_grads(xx, dd, 4, activation="gelu", weight=w, bias=b)
+    monkeypatch.delattr(gnnumba, "per_sample_param_grads", raising=False)
+    fallback = dp.per_sample_grads(xx, dd, 4, activation="gelu", weight=w, bias=b)
+    for got in (direct, fallback):
+        np.testing.assert_allclose(got[0], want[0], atol=1e-10)
+        np.testing.assert_allclose(got[1], want[1], atol=1e-10)
+    with pytest.raises(ValueError, match="divisible by num_groups"):  # names C and G
+        dp.per_sample_grads(xx, dd, 3)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gnnumba.torch as gt
-from gnnumba import GroupNormError
+from gnnumba import GroupNormError, activations
 
 # (shape, num_groups, layout); layout "cl" = channels-last memory order, "strided" = a
 # non-contiguous slice (taken through the copy-once path)
@@ -86,14 +86,14 @@ def close(actual, expected, dtype, what, torch_result=None):
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (scale {scale:.3g})"
 
 
-def reference(x, G, w, b, dy, silu, dtype=torch.float64):
+def reference(x, G, w, b, dy, activation, dtype=torch.float64):
     """torch's (y, dx, dw, db) computed in ``dtype`` (default: float64 on upcast inputs)."""
     x = x.detach().to(dtype).requires_grad_()
     w = None if w is None else w.detach().to(dtype).requires_grad_()
     b = None if b is None else b.detach().to(dtype).requires_grad_()
     y = F.group_norm(x, G, w, b, 1e-5)
-    if silu:
-        y = F.silu(y)
+    if activation:
+        y = getattr(F, activations.TORCH_NAMES[activation])(y)
     inputs = [t for t in (x, w, b) if t is not None]
     grads = torch.autograd.grad(y, inputs, dy.to(dtype)) if y.numel() else [
         torch.zeros_like(t) for t in inputs]
@@ -104,14 +104,14 @@ def reference(x, G, w, b, dy, silu, dtype=torch.float64):
     return y.detach(), dx, dw, db
 
 
-def run_parity(shape, G, layout, dtype, affine, silu):
+def run_parity(shape, G, layout, dtype, affine, activation):
     x = make_input(shape, layout, dtype).requires_grad_()
     C = shape[1]
     w, b = make_params(C, dtype) if affine else (None, None)
     if affine:
         w.requires_grad_()
         b.requires_grad_()
-    y = gt.group_norm(x, G, w, b, activation="silu" if silu else None)
+    y = gt.group_norm(x, G, w, b, activation=activation)
     assert y.dtype == dtype and y.shape == x.shape
     if layout == "cl" and x.numel():
         assert y.movedim(1, -1).is_contiguous(), "channels-last in must give channels-last out"
@@ -119,8 +119,8 @@ def run_parity(shape, G, layout, dtype, affine, silu):
     inputs = [t for t in (x, w, b) if t is not None]
     grads = list(torch.autograd.grad(y, inputs, dy)) if y.requires_grad else [
         torch.zeros_like(t) for t in inputs]
-    y_ref, dx_ref, dw_ref, db_ref = reference(x, G, w, b, dy, silu)
-    y_t, dx_t, dw_t, db_t = reference(x, G, w, b, dy, silu, dtype)
+    y_ref, dx_ref, dw_ref, db_ref = reference(x, G, w, b, dy, activation)
+    y_t, dx_t, dw_t, db_t = reference(x, G, w, b, dy, activation, dtype)
     close(y, y_ref, dtype, "y", y_t)
     close(grads[0], dx_ref, dtype, "dx", dx_t)
     if affine:
@@ -133,20 +133,33 @@ def run_parity(shape, G, layout, dtype, affine, silu):
 @pytest.mark.parametrize("shape,G,layout", SHAPES)
 def test_parity_fp32_fp64(shape, G, layout, affine):
     for dtype in (torch.float64, torch.float32):
-        run_parity(shape, G, layout, dtype, affine, silu=False)
+        run_parity(shape, G, layout, dtype, affine, activation=None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape,G,layout", [SHAPES[2], SHAPES[4], SHAPES[9], SHAPES[10]])
 def test_parity_half(shape, G, layout, dtype):
-    run_parity(shape, G, layout, dtype, affine=True, silu=False)
+    run_parity(shape, G, layout, dtype, affine=True, activation=None)
 
 
+@pytest.mark.parametrize("activation", ["silu", "relu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("shape,G,layout", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[9]])
-def test_silu_matches_silu_of_group_norm(shape, G, layout, dtype):
-    run_parity(shape, G, layout, dtype, affine=True, silu=True)
+def test_activation_matches_activation_of_group_norm(shape, G, layout, dtype, activation):
+    """torch oracle: getattr(F, TORCH_NAMES[name])(F.group_norm(...))."""
+    run_parity(shape, G, layout, dtype, affine=True, activation=activation)
+
+
+@pytest.mark.parametrize("activation", [None, "silu", "relu", "gelu"])
+def test_module_activation(activation):
+    m = gt.GroupNorm(2, 6, activation=activation)
+    nn.init.normal_(m.weight)
+    x = make_input((2, 6, 5), "cl")
+    ref = F.group_norm(x, 2, m.weight, m.bias)
+    if activation:
+        ref = getattr(F, activations.TORCH_NAMES[activation])(ref)
+    torch.testing.assert_close(m(x), ref)
 
 
 def test_custom_op_route_matches_eager_route():
@@ -248,26 +261,6 @@ def test_meta_tensors_go_through_the_fake_kernel():
     x = torch.empty(2, 8, 4, 4, device="meta").to(memory_format=torch.channels_last)
     y = gt.GroupNorm(4, 8, device="meta")(x)
     assert y.device.type == "meta" and y.shape == x.shape and y.stride() == x.stride()
-
-
-def test_torch_compile_fullgraph():
-    """One small compile (aot_eager: dynamo + AOTAutograd + the fake kernel, without the slow
-    C++ codegen of inductor, which was checked by hand)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), gt.GroupNorm(4, 8, activation="silu"),
-                          nn.Conv2d(8, 4, 1), gt.GroupNorm(2, 4))
-    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    y = compiled(x)
-    y.square().sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
-    model.zero_grad()
-    x.grad = None
-    y_eager = model(x)
-    y_eager.square().sum().backward()
-    torch.testing.assert_close(y, y_eager)
-    for g, p in zip(grads, list(model.parameters()) + [x]):
-        torch.testing.assert_close(g, p.grad)
 
 
 # --------------------------------------------------------------------------- module contract
@@ -483,7 +476,7 @@ def test_cuda_parity(shape, G, layout, dtype):
         assert y.movedim(1, -1).is_contiguous()
     grads = torch.autograd.grad(y, (x, w, b), dy) if y.numel() else (
         torch.zeros_like(x), torch.zeros_like(w), torch.zeros_like(b))
-    y_ref, dx_ref, dw_ref, db_ref = reference(x.cpu(), G, w.cpu(), b.cpu(), dy.cpu(), True)
+    y_ref, dx_ref, dw_ref, db_ref = reference(x.cpu(), G, w.cpu(), b.cpu(), dy.cpu(), "silu")
     close(y.cpu(), y_ref, dtype, "y")
     for got, want, what in zip(grads, (dx_ref, dw_ref, db_ref), ("dx", "dweight", "dbias")):
         close(got.cpu(), want, dtype, what)
@@ -527,7 +520,13 @@ def test_parameter_changes_are_always_seen():
     updates (optimizer steps), .data replacement, writes through .data."""
     m = gt.GroupNorm(2, 4)
     ref = torch.nn.GroupNorm(2, 4)
-    x = torch.randn(3, 4, 5)
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+
+    def same(a, b):
+        # two float32 implementations agree to a few ulp of the largest output; elementwise
+        # rtol fails where (x - mean)*scale + bias cancels (the SGD steps grow the weight)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
     with torch.no_grad():
         for change in (lambda p: p.mul_(1.5), lambda p: p.add_(0.25),
                        lambda p: setattr(p, "data", torch.randn(4)),
@@ -536,7 +535,7 @@ def test_parameter_changes_are_always_seen():
             change(m.bias)
             ref.weight.copy_(m.weight)
             ref.bias.copy_(m.bias)
-            torch.testing.assert_close(m(x), ref(x))
+            same(m(x), ref(x))
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
     for _ in range(2):
         m(x).square().sum().backward()
@@ -545,4 +544,4 @@ def test_parameter_changes_are_always_seen():
         with torch.no_grad():
             ref.weight.copy_(m.weight)
             ref.bias.copy_(m.bias)
-            torch.testing.assert_close(m(x), ref(x))
+            same(m(x), ref(x))

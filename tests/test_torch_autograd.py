@@ -149,9 +149,14 @@ def _assert_same(pair):
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_vmap_folds_into_batch(layout):
     x = torch.randn(4, 2, 6, 3, dtype=torch.float64)  # vmapped dim of size 4 over (2, 6, 3)
+    if layout == "cl":  # each (2, 6, 3) slice channels-last in memory
+        x = x.movedim(2, -1).contiguous().movedim(-1, 2)
     _, w, b = inputs((2, 6, 3))
     _assert_same(_both(lambda f: vmap(lambda t: f(t, 3, w, b, activation="silu"))(x)))
     _assert_same(_both(lambda f: vmap(lambda t: f(t, 3, w, b), in_dims=1)(x.movedim(0, 1))))
+    # folded: the same bits as one call on the (B*N, C, ...) batch
+    folded = gt.group_norm(x.reshape(8, 6, 3), 3, w, b).reshape(4, 2, 6, 3)
+    assert torch.equal(vmap(lambda t: gt.group_norm(t, 3, w, b))(x), folded)
 
 
 def test_vmap_runs_the_kernels_once_on_the_folded_batch(monkeypatch):
@@ -226,7 +231,25 @@ def test_hessian_vector_product():
     v = torch.randn_like(w)
 
     def hvp(f):
-        g = lambda w_: grad(lambda u: f(x, 2, u, b, activation="silu").pow(2).sum())(w_)  # noqa: E731
+        def g(w_):
+            return grad(lambda u: f(x, 2, u, b, activation="silu").pow(2).sum())(w_)
         return jvp(g, (w,), (v,))[1]
 
     _assert_same(_both(hvp))
+
+
+# --------------------------------------------------------------------------- Opacus modes
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("mode", ["functorch", "ew"])
+def test_opacus_transform_modes(mode, activation):
+    """The torch side of Opacus' "functorch" (vmap(grad)) and "ew" (ExpandedWeights, a
+    tensor subclass on the parameters) modes: per-sample gradients match micro-batches."""
+    utils = pytest.importorskip("opacus.utils.per_sample_gradients_utils")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), gt.GroupNorm(4, 8, activation=activation),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 5 * 5, 2))
+    x = torch.randn(4, 3, 7, 7)
+    assert utils.check_per_sample_gradients_are_correct(x, model, grad_sample_mode=mode,
+                                                        atol=1e-5, rtol=1e-4)

@@ -19,6 +19,8 @@ depend on the number of threads, and every path of one layout gives the same bit
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
@@ -152,17 +154,16 @@ def reduce_params(dweight_per_sample, dbias_per_sample):
 # --------------------------------------------------------------------------- outputs
 
 
-_DEFAULT_PARAMS: dict = {}
+@functools.lru_cache(maxsize=64)
+def _default_param(C: int, dtype: np.dtype, value: float) -> np.ndarray:
+    return np.full(C, value, dtype=dtype)  # writeable: a read-only array is another Numba type
 
 
 def default_param(C: int, dtype, value: float) -> np.ndarray:
-    """The (C,) constant that stands for a missing weight (1) or bias (0); cached, never
-    written by the kernels."""
-    key = (C, np.dtype(dtype), value)
-    a = _DEFAULT_PARAMS.get(key)
-    if a is None:
-        a = _DEFAULT_PARAMS[key] = np.full(C, value, dtype=dtype)
-    return a
+    """The (C,) constant that stands for a missing weight (1) or bias (0), never written by
+    the kernels; the last 64 are cached (a model has a few channel counts; a sweep over
+    many C must not grow memory without bound)."""
+    return _default_param(C, np.dtype(dtype), value)
 
 
 def empty(shape, dtype) -> np.ndarray:

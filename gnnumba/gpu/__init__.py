@@ -12,7 +12,6 @@ configuration), ``config.py`` (tunables), ``selftest.py`` (``gnnumba check``).
 
 from __future__ import annotations
 
-import numpy as np
 
 from .. import _checks
 from . import launch

@@ -7,9 +7,9 @@ effect on the next call. Results never depend on these values beyond rounding: e
 partial result is merged in a fixed order.
 """
 
-# Threads per block of every kernel (a power of two, 32..1024). 256 gives 8 resident blocks
-# per SM on sm_80/sm_90 for the register counts ptxas reports (see tests/test_cuda_ptx.py),
-# enough loads in flight to saturate HBM.
+# Threads per block of every kernel (a power of two, 32..1024). 256 gives 6-8 resident
+# blocks per SM on sm_80/sm_90 for the register counts ptxas reports (see
+# benchmarks/cuda_sass.py), with ITEMS loads in flight per thread.
 THREADS = 256
 
 # Elements each thread loads per tile in every streaming kernel (statistics, apply, backward
@@ -37,8 +37,10 @@ BLOCKS_PER_SM = 8
 FALLBACK_SM_COUNT = 4
 
 # ... but never give a block fewer than this many elements (per-block partials and their
-# merge would then cost more than the reads they parallelise).
-MIN_BLOCK_ELEMS = 8192
+# merge would then cost more than the reads they parallelise). 2048 is 8 per thread of a
+# 256-thread block: SD-UNet 2x1280x16x16 gets 320 statistics blocks, not 64 (8192 left
+# half of an H100's SMs idle there).
+MIN_BLOCK_ELEMS = 2048
 
 # Elements each thread handles (at least) in the elementwise apply / dx kernels.
 APPLY_ITEMS = 8

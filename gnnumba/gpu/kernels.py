@@ -12,8 +12,9 @@ Forward (``mean``/``rstd``/``y``):
   group keeps the group in registers (exact two-pass mean/M2), then applies. One read of x,
   one write of y, one launch.
 * otherwise ``fwd_stats_nchw`` / ``fwd_stats_cl`` (partial (count, mean, M2) per block) ->
-  ``fwd_finalize`` (one block per group merges its partials in a fixed order) ->
-  ``fwd_apply_nchw`` / ``fwd_apply_cl`` (y).
+  NCHW: ``fwd_apply_nchw``, each block merging its group's partials itself (two launches);
+  channels-last: ``fwd_finalize`` (one block per group merges its partials in a fixed
+  order; a channel tile holds several groups) -> ``fwd_apply_cl`` (three launches).
 
 Backward and per-sample parameter gradients share their sums (x and dy read once for them):
 
@@ -42,7 +43,7 @@ Determinism: no atomics. Every reduction is a per-thread loop in index order fol
 shared-memory tree of fixed shape, and partials are merged in index order, so the same
 launch configuration gives bit-identical results.
 
-Precision: ``acc`` is float32 for float16/float32 input and float64 for float64 input; all
+Precision: ``acc`` is float32 for float16/bfloat16/float32 input and float64 for float64 input; all
 statistics and sums are formed in ``acc`` and converted to the output's dtype on store
 (dweight/dbias of half input may be float32 outputs: they are never rounded to half on the
 way).
@@ -72,6 +73,13 @@ _device = cuda.jit(device=True, inline="always")
 # wraparound (5 integer instructions per access in the SASS of every hot loop). The cast is
 # free (same bits) and the indices are never negative.
 U = numba.uint64
+
+
+def _jit(**options):
+    """``cuda.jit`` with code-generation options, which the simulator does not take."""
+    if numba.config.ENABLE_CUDASIM:
+        return cuda.jit
+    return cuda.jit(**options)
 _act_forward = _device(activations.forward)
 _act_derivative = _device(activations.derivative)
 
@@ -178,7 +186,9 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
 
     # ------------------------------------------------------------------ forward
 
-    @cuda.jit
+    # At most 80 registers for float32 accumulation: 3 blocks of 256 threads per SM instead of
+    # 2 (ptxas chose 82-86), without spills; a float64 tile needs its registers.
+    @_jit(launch_bounds=(T, 3) if acc_name == "float32" and T == 256 else None)
     def fwd_fused_nchw(x, D, S, Cg, G, eps, w, b, has_w, has_b, y, mean, rstd):
         """grid (N*G,), block (T,). Whole group in registers: x read once."""
         s_a = cuda.shared.array(T, acc)
@@ -186,10 +196,11 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         v = cuda.local.array(KF, acc)
         tid = cuda.threadIdx.x
         ng = cuda.blockIdx.x
-        base = ng * D
+        xb = x[ng * D:ng * D + D]  # the group: indices below are group-relative
+        yb = y[ng * D:ng * D + D]
         for j in range(KF):  # all loads first
             i = j * T + tid
-            v[j] = acc(x[U(base + i)]) if i < D else acc(0)
+            v[j] = acc(xb[U(i)]) if i < D else acc(0)
         s = acc(0)
         for j in range(KF):
             s += v[j]
@@ -214,7 +225,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         for j in range(KF):
             if j * T + tid < D:
                 a, sh = coefficients(r, w, b, has_w, has_b, c)
-                y[U(base + j * T + tid)] = activate((v[j] - mu) * a + sh)
+                yb[U(j * T + tid)] = activate((v[j] - mu) * a + sh)
             so += ds
             c += dc
             if so >= S:
@@ -224,7 +235,10 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
     @cuda.jit
     def fwd_stats_nchw(x, D, chunk, nchunks, part):
         """grid (N*G*nchunks,), block (T,). Partial (count, mean, M2) of elements
-        [k*chunk, (k+1)*chunk) of group ng, written to part[ng, k, :]."""
+        [k*chunk, (k+1)*chunk) of group ng, written to part[ng, k, :]. Values are taken
+        relative to the group's first element kg: the partials' means are then small
+        numbers whose float32 rounding is relative to the spread of the data, not to its
+        offset (fwd_finalize adds kg back once)."""
         s_n = cuda.shared.array(T, acc)
         s_m = cuda.shared.array(T, acc)
         s_q = cuda.shared.array(T, acc)
@@ -233,33 +247,38 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         bid = cuda.blockIdx.x
         ng = bid // nchunks
         kk = bid - ng * nchunks
-        lo = kk * chunk
-        hi = min(lo + chunk, D)
-        base = ng * D
+        kg = acc(x[ng * D])
+        s0 = ng * D + kk * chunk
+        m = min(chunk, D - kk * chunk)
+        xb = x[s0:s0 + m]
         cnt = acc(0)
         mu = acc(0)
         m2 = acc(0)
-        # Everything below is relative to the group's first element: the partials' means
-        # are then small numbers whose float32 rounding is relative to the spread of the
-        # data, not to its offset (fwd_finalize adds the shift back once).
-        kg = acc(x[base])
-        k = acc(0)  # the thread's shift: kg, then its running mean
-        for r0 in range(lo, hi, T * K * F):
-            r1 = min(r0 + T * K * F, hi)
-            nf = 0
+        k = acc(0)  # the thread's shift (relative to kg): 0, then its running mean
+        full = m - m % (T * K)
+        for r0 in range(0, full, T * K * F):  # F whole tiles per flush, no bounds checks
             s1 = acc(0)
             s2 = acc(0)
-            for t0 in range(r0 + tid, r1, T * K):
+            nf = 0
+            for t0 in range(r0 + tid, min(r0 + T * K * F, full), T * K):
                 for j in range(K):  # K independent loads; coalesced across the block
-                    i = t0 + j * T
-                    v[j] = acc(x[U(base + i)]) - kg if i < r1 else k  # padding adds 0
-                    nf += 1 if i < r1 else 0
+                    v[j] = acc(xb[U(t0 + j * T)])
                 for j in range(K):
-                    d = v[j] - k
+                    d = v[j] - kg - k
                     s1 += d
                     s2 += d * d
+                nf += K
             cnt, mu, m2 = flush_shifted(cnt, mu, m2, k, nf, s1, s2)
             k = mu
+        s1 = acc(0)
+        s2 = acc(0)
+        nf = 0
+        for i in range(full + tid, m, T):  # the tail: fewer than K values per thread
+            d = acc(xb[U(i)]) - kg - k
+            s1 += d
+            s2 += d * d
+            nf += 1
+        cnt, mu, m2 = flush_shifted(cnt, mu, m2, k, nf, s1, s2)
         cnt, mu, m2 = block_merge(tid, T, cnt, mu, m2, s_n, s_m, s_q)
         if tid == 0:
             o = (ng * nchunks + kk) * 3
@@ -271,9 +290,10 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
     def fwd_stats_cl(x, S, C, G, spos, nsb, tpg, part):
         """grid (N*nsb, ceil(C/TC)), block (TC, TS). Thread column tx owns channel c of the
         tile and walks spatial positions [kk*spos, (kk+1)*spos) with stride TS (loads are
-        coalesced along C); columns are merged down the TS rows, then the channels of each
-        group within the tile, in order. Partial of group (n, g) for this chunk and tile
-        goes to slot kk*tpg + (tile - first tile of g)."""
+        coalesced along C), relative to its group's first element as in fwd_stats_nchw;
+        columns are merged down the TS rows, then the channels of each group within the
+        tile, in order. Partial of group (n, g) for this chunk and tile goes to slot
+        kk*tpg + (tile - first tile of g)."""
         s_n = cuda.shared.array(T, acc)
         s_m = cuda.shared.array(T, acc)
         s_q = cuda.shared.array(T, acc)
@@ -287,31 +307,43 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         kk = bx - n * nsb
         tile = cuda.blockIdx.y
         c = tile * TC + tx
-        s0 = kk * spos
-        s1_ = min(s0 + spos, S)
+        Cg = C // G
         cnt = acc(0)
         mu = acc(0)
         m2 = acc(0)
         if c < C:
-            base = n * S * C + c
-            kg = acc(x[n * S * C + (c // (C // G)) * (C // G)])  # as in fwd_stats_nchw
+            kg = acc(x[n * S * C + (c // Cg) * Cg])
+            m = min(spos, S - kk * spos)
+            o0 = (n * S + kk * spos) * C + c
+            xb = x[o0:o0 + (m - 1) * C + 1]
+            step = TS * C
+            full = m - m % (TS * K)
             k = acc(0)
-            for r0 in range(s0 + ty, s1_, TS * K * F):
-                r1 = min(r0 + TS * K * F, s1_)
+            o = ty * C
+            for r0 in range(0, full, TS * K * F):
+                s1 = acc(0)
+                s2 = acc(0)
                 nf = 0
-                a1 = acc(0)
-                a2 = acc(0)
-                for t0 in range(r0, r1, TS * K):
+                for _ in range(r0 + ty, min(r0 + TS * K * F, full), TS * K):
                     for j in range(K):
-                        s = t0 + j * TS
-                        v[j] = acc(x[U(base + s * C)]) - kg if s < r1 else k
-                        nf += 1 if s < r1 else 0
+                        v[j] = acc(xb[U(o + j * step)])
                     for j in range(K):
-                        d = v[j] - k
-                        a1 += d
-                        a2 += d * d
-                cnt, mu, m2 = flush_shifted(cnt, mu, m2, k, nf, a1, a2)
+                        d = v[j] - kg - k
+                        s1 += d
+                        s2 += d * d
+                    nf += K
+                    o += K * step
+                cnt, mu, m2 = flush_shifted(cnt, mu, m2, k, nf, s1, s2)
                 k = mu
+            s1 = acc(0)
+            s2 = acc(0)
+            nf = 0
+            for s in range(full + ty, m, TS):
+                d = acc(xb[U(s * C)]) - kg - k
+                s1 += d
+                s2 += d * d
+                nf += 1
+            cnt, mu, m2 = flush_shifted(cnt, mu, m2, k, nf, s1, s2)
         # merge down the TS rows of each column: slot ty*TC + tx, tree over ty
         s_n[ty * TC + tx] = cnt
         s_m[ty * TC + tx] = mu
@@ -328,7 +360,6 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
                 s_q[a] = qq
             cuda.syncthreads()
             stride //= 2
-        Cg = C // G
         if ty == 0 and c < C:
             g = c // Cg
             if tx == 0 or c == g * Cg:  # first channel of group g in this tile
@@ -371,16 +402,36 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
             rstd[ng] = acc(1) / math.sqrt(m2 / cnt + eps)
 
     @cuda.jit
-    def fwd_apply_nchw(x, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, y):
-        """grid (N*C, ceil(S/colchunk)), block (<= T,). One (n, c) row slice per block:
-        whole tiles of K values per thread (loads first, no bounds checks), then the tail."""
+    def fwd_apply_nchw(x, part, L, D, C, G, S, colchunk, eps, mean, rstd, w, b, has_w, has_b,
+                       y):
+        """grid (N*C, ceil(S/colchunk)), block (<= T,). One (n, c) row slice per block. The
+        block first merges the L partials of its group (as fwd_finalize, so every block of
+        the group gets the same bits; the first block of the group writes mean/rstd): no
+        separate merge launch. Then whole tiles of K values per thread (loads first, no
+        bounds checks), then the tail."""
+        s_n = cuda.shared.array(T, acc)
+        s_m = cuda.shared.array(T, acc)
+        s_q = cuda.shared.array(T, acc)
         v = cuda.local.array(K, acc)
         row = cuda.blockIdx.x
         n = row // C
         c = row - n * C
-        ng = n * G + c // (C // G)
-        mu = acc(mean[ng])
-        a, sh = coefficients(acc(rstd[ng]), w, b, has_w, has_b, c)
+        Cg = C // G
+        ng = n * G + c // Cg
+        cnt = acc(0)
+        mu = acc(0)
+        m2 = acc(0)
+        for i in range(cuda.threadIdx.x, L, cuda.blockDim.x):
+            o = (ng * L + i) * 3
+            cnt, mu, m2 = merge(cnt, mu, m2, part[o], part[o + 1], part[o + 2])
+        cnt, mu, m2 = block_merge(cuda.threadIdx.x, cuda.blockDim.x, cnt, mu, m2, s_n, s_m,
+                                  s_q)
+        mu += acc(x[ng * D])  # the shift of fwd_stats_nchw
+        r = acc(1) / math.sqrt(m2 / cnt + eps)
+        if cuda.threadIdx.x == 0 and cuda.blockIdx.y == 0 and c % Cg == 0:
+            mean[ng] = mu
+            rstd[ng] = r
+        a, sh = coefficients(r, w, b, has_w, has_b, c)
         s0 = row * S + cuda.blockIdx.y * colchunk
         m = min(colchunk, S - cuda.blockIdx.y * colchunk)
         xb = x[s0:s0 + m]  # the block's run: indices below are block-relative
@@ -726,15 +777,19 @@ def kernel_names():
 
 def signatures(dtype_name: str, out_name: str | None = None):
     """Argument types of every kernel as the host code launches them for input dtype
-    ``dtype_name`` (float16/float32/float64); ``out_name`` is the dtype of dweight/dbias
+    ``dtype_name`` (float16/bfloat16/float32/float64); ``out_name`` is the dtype of dweight/dbias
     (x's by default; float32 for half input with float32 parameters). The PTX tests and
     ``benchmarks/cuda_sass.py`` compile each one."""
     from numba import types
+    from numba.cuda import types as cuda_types
 
-    dt = getattr(types, dtype_name)
+    def scalar(name):
+        return cuda_types.bfloat16 if name == "bfloat16" else getattr(types, name)
+
+    dt = scalar(dtype_name)
     acc = types.float64 if dtype_name == "float64" else types.float32
     v = types.Array(dt, 1, "C")  # x, y, dy, dx, weight, bias (flat views)
-    o = types.Array(getattr(types, out_name or dtype_name), 1, "C")  # dweight, dbias
+    o = types.Array(scalar(out_name or dtype_name), 1, "C")  # dweight, dbias
     st = types.Array(acc, 1, "C")  # mean, rstd, coefficients, per-sample grads, partials
     i, f, bo = types.int64, acc, types.boolean
     return {
@@ -742,7 +797,7 @@ def signatures(dtype_name: str, out_name: str | None = None):
         "fwd_stats_nchw": (v, i, i, i, st),
         "fwd_stats_cl": (v, i, i, i, i, i, i, st),
         "fwd_finalize": (st, v, i, i, i, i, i, i, f, st, st),
-        "fwd_apply_nchw": (v, i, i, i, i, st, st, v, v, bo, bo, v),
+        "fwd_apply_nchw": (v, st, i, i, i, i, i, i, f, st, st, v, v, bo, bo, v),
         "fwd_apply_cl": (v, i, i, i, i, i, st, st, v, v, bo, bo, v),
         "fill_stats": (st, st, f),
         "bwd_sums_nchw": (v, v, i, i, i, i, st, st, v, v, bo, bo, st),
@@ -755,7 +810,7 @@ def signatures(dtype_name: str, out_name: str | None = None):
     }
 
 
-def sass_specs(dtypes=("float16", "float32", "float64"), acts=None):
+def sass_specs(dtypes=("float16", "bfloat16", "float32", "float64"), acts=None):
     """Every specialisation ``benchmarks/cuda_sass.py`` and the PTX tests compile: per input
     dtype, kernel and (for ``ACT_KERNELS``) activation, with the default configuration."""
     from . import config
@@ -765,10 +820,13 @@ def sass_specs(dtypes=("float16", "float32", "float64"), acts=None):
         acc = "float64" if dt == "float64" else "float32"
         for name in KERNELS:
             for act_name, code in (acts if name in ACT_KERNELS else [(None, 0)]):
-                ks = build(config.THREADS, config.ITEMS, config.FUSED_ITEMS, config.FLUSH,
+                K = config.ITEMS * (2 if dt in ("float16", "bfloat16") else 1)  # launch.items
+                ks = build(config.THREADS, K, config.FUSED_ITEMS, config.FLUSH,
                            acc, code)
+                k = getattr(ks, name)
                 yield dict(kernel=name, label=name + (f"-{act_name}" if act_name else ""),
-                           dtype=dt, act=act_name, pyfunc=getattr(ks, name).py_func,
+                           dtype=dt, act=act_name, pyfunc=k.py_func,
+                           launch_bounds=k.targetoptions.get("launch_bounds"),
                            sig=signatures(dt)[name], threads=config.THREADS,
-                           itemsize=np.dtype(dt).itemsize,
+                           itemsize=8 if dt == "float64" else 4 if dt == "float32" else 2,
                            inputs=STREAMED_INPUTS.get(name, 1))

@@ -1,10 +1,16 @@
 """Host side of the CUDA kernels: array adaptation, validation, layout, allocation, launch.
 
 The entry points the torch bridge uses are ``launch_forward``, ``launch_backward`` and
-``launch_per_sample_param_grads``: they take caller-allocated outputs (any ``__cuda_array_interface__`` object or Numba device
-array), enqueue the kernels on the given stream and return at once. Nothing here
-synchronises the host: CUDA-array-interface objects are wrapped with ``sync=False`` (the
-caller's stream orders the work), and only workspaces (partials) are allocated here.
+``launch_per_sample_param_grads``: they take caller-allocated outputs (any
+``__cuda_array_interface__`` object or Numba device array), enqueue the kernels on the
+given stream and return at once. Nothing here synchronises the host: CUDA-array-interface
+objects are wrapped with ``sync=False`` (the caller's stream orders the work), and only
+workspaces (partials) are allocated here, from the caller's allocator when one is given
+(``workspace_allocator``), so a call can be captured in a CUDA graph.
+
+Host cost per call: the launch geometry of a (shape, G, layout, SM count, configuration) is
+computed once (``forward_plan`` / ``backward_plan``, cached), and each kernel's configured
+launcher once per (grid, block, stream) (``_launch``).
 
 Every array is seen as a flat 1-D view in one of two fast memory layouts, NCHW
 ("nchw": C-contiguous) or channels-last ("cl": memory order N, spatial..., C); the
@@ -26,7 +32,12 @@ from numba.core.errors import NumbaPerformanceWarning
 from .. import _checks, activations
 from . import config, kernels
 
-DTYPES = (np.float16, np.float32, np.float64)
+try:  # numba-cuda types arrays of ml_dtypes.bfloat16 as __nv_bfloat16 (sm_80+)
+    from ml_dtypes import bfloat16 as BFLOAT16
+except ImportError:  # pragma: no cover - ml_dtypes comes with numba-cuda's dependencies
+    BFLOAT16 = None
+
+DTYPES = (np.float16, np.float32, np.float64) + ((BFLOAT16,) if BFLOAT16 is not None else ())
 NCHW, CL = "nchw", "cl"
 
 # Under NUMBA_ENABLE_CUDASIM=1 device arrays are FakeCUDAArray objects wrapping NumPy arrays
@@ -71,7 +82,10 @@ class DevArray:
                 raise TypeError(_bf16_message(name, e)) from None
             self.desc = desc
             self.shape = tuple(desc["shape"])
-            self.dtype = np.dtype(desc["typestr"])
+            # A Numba device array knows its dtype; the interface's typestr does not say
+            # bfloat16 (ml_dtypes' is "<V2", a void type)
+            numba_array = isinstance(obj, DeviceNDArray)
+            self.dtype = obj.dtype if numba_array else np.dtype(desc["typestr"])
             item = self.dtype.itemsize
             if desc.get("strides") is None:
                 self.strides = _c_strides(self.shape)
@@ -93,6 +107,9 @@ class DevArray:
             v = a.view()
             v.shape = (self.size,)  # raises instead of copying: outputs must be views
             return FakeCUDAArray(v)
+        if isinstance(self.obj, DeviceNDArray):  # same memory, no interface round trip
+            return DeviceNDArray((self.size,), (self.dtype.itemsize,), self.dtype,
+                                 gpu_data=self.obj.gpu_data)
         desc = dict(self.desc, shape=(self.size,), strides=None)
         desc.pop("stream", None)  # ordered by the caller's stream: no host sync
         desc.pop("mask", None)
@@ -111,10 +128,10 @@ class DevArray:
 
 
 def _bf16_message(name, err):
-    return (f"{name} could not be read through __cuda_array_interface__ ({err}). bfloat16 "
-            f"is not supported by the Numba CUDA kernels (numba-cuda has a bfloat16 scalar "
-            f"type but no bfloat16 arrays); use float16 or float32, or gnnumba.torch, which "
-            f"converts bfloat16 for you")
+    return (f"{name} could not be read through __cuda_array_interface__ ({err}): the "
+            f"interface has no bfloat16 type. The kernels take bfloat16 as Numba device "
+            f"arrays of ml_dtypes.bfloat16 (sm_80+); pass one of those, or use "
+            f"gnnumba.torch, which hands torch bfloat16 tensors over itself")
 
 
 def _c_strides(shape):
@@ -224,8 +241,8 @@ def copy_into(src: DevArray, dst: DevArray, stream=0):
 
 def _threads() -> int:
     T = config.THREADS
-    if not (isinstance(T, int) and 1 <= T <= 1024 and T & (T - 1) == 0):
-        raise ValueError(f"gnnumba.gpu.config.THREADS must be a power of two in [1, 1024], "
+    if not (isinstance(T, int) and 32 <= T <= 1024 and T & (T - 1) == 0):
+        raise ValueError(f"gnnumba.gpu.config.THREADS must be a power of two in [32, 1024], "
                          f"got {T!r}")
     return T
 
@@ -236,9 +253,16 @@ def _config_key():
             config.MIN_BLOCK_ELEMS, config.APPLY_ITEMS, config.CL_MIN_TILE_C)
 
 
+def items(dtype) -> int:
+    """Values per thread per tile: config.ITEMS, doubled for 2-byte types so that a thread
+    has as many bytes in flight (16 with the default 4) for float16/bfloat16 as for
+    float32."""
+    return config.ITEMS * (2 if np.dtype(dtype).itemsize == 2 else 1)
+
+
 def _kernels(dtype, activation):
     acc = "float64" if np.dtype(dtype) == np.float64 else "float32"
-    return kernels.build(_threads(), config.ITEMS, config.FUSED_ITEMS, config.FLUSH, acc,
+    return kernels.build(_threads(), items(dtype), config.FUSED_ITEMS, config.FLUSH, acc,
                          activations.code(activation))
 
 
@@ -265,7 +289,7 @@ def _pow2_at_least(n):
     return 1 << max(0, int(n - 1).bit_length())
 
 
-def _row_plan(S, rows, T, target_blocks=1):
+def _row_plan(S, rows, T, K, target_blocks=1):
     """NCHW row kernels: (threads, columns per block, column blocks). Blocks shrink to the
     row length; ``target_blocks`` > rows splits long rows so that small N*C still fills the
     GPU (never below MIN_BLOCK_ELEMS columns per block)."""
@@ -275,7 +299,7 @@ def _row_plan(S, rows, T, target_blocks=1):
         want = min(_cdiv(target_blocks, max(rows, 1)), max(1, S // config.MIN_BLOCK_ELEMS))
         per_block = max(per_block, _cdiv(S, max(want, 1)))
     per_block = max(per_block, _cdiv(S, 65535))  # gridDim.y limit
-    tile = bt * config.ITEMS
+    tile = bt * K
     per_block = _cdiv(per_block, tile) * tile  # whole register tiles per block
     return bt, per_block, max(1, _cdiv(S, per_block))
 
@@ -293,7 +317,7 @@ def _tile_c(C, T):
     return best[1]
 
 
-def _cl_plan(N, S, C, T, elems_per_thread, target_blocks=0):
+def _cl_plan(N, S, C, T, K, elems_per_thread, target_blocks=0):
     """Channels-last kernels: (TC, TS, spatial positions per block, spatial blocks, channel
     tiles)."""
     TC = _tile_c(C, T)
@@ -304,7 +328,7 @@ def _cl_plan(N, S, C, T, elems_per_thread, target_blocks=0):
         want = min(_cdiv(target_blocks, N * nct),
                    max(1, (S * min(C, TC)) // config.MIN_BLOCK_ELEMS))
         spos = max(spos, _cdiv(S, max(want, 1)))
-    spos = _cdiv(spos, TS * config.ITEMS) * TS * config.ITEMS
+    spos = _cdiv(spos, TS * K) * TS * K
     return TC, TS, spos, _cdiv(S, spos), nct
 
 
@@ -315,8 +339,9 @@ def _tiles_per_group(C, G, TC):
 
 
 @functools.lru_cache(maxsize=4096)
-def forward_plan(N, C, S, G, layout, sms, cfg):
-    """Launches of the forward: ``[(kernel, grid, block, extra)]`` and the partials' size."""
+def forward_plan(N, C, S, G, layout, sms, cfg, K):
+    """Launches of the forward: ``[(kernel, grid, block, extra)]`` and the partials' size;
+    K values per thread per tile (``items``)."""
     T = cfg[0]
     Cg = C // G
     D = Cg * S
@@ -324,17 +349,16 @@ def forward_plan(N, C, S, G, layout, sms, cfg):
     if layout == NCHW and D <= T * config.FUSED_ITEMS:
         return [("fwd_fused_nchw", N * G, T, (D, S, Cg, G))], 0
     if layout == NCHW:
-        K = config.ITEMS
         want = min(_cdiv(target, N * G), max(1, D // config.MIN_BLOCK_ELEMS))
         chunk = _cdiv(_cdiv(D, want), T * K) * T * K
         nchunks = _cdiv(D, chunk)
-        bt, colchunk, ncol = _row_plan(S, N * C, T)
+        bt, colchunk, ncol = _row_plan(S, N * C, T, K)
         return [("fwd_stats_nchw", N * G * nchunks, T, (D, chunk, nchunks)),
-                ("fwd_finalize", N * G, T, (G * D, nchunks, 1, G, D, 1 << 62)),
-                ("fwd_apply_nchw", (N * C, ncol), bt, (C, G, S, colchunk))], N * G * nchunks * 3
-    TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, config.ITEMS, target)
+                ("fwd_apply_nchw", (N * C, ncol), bt, (nchunks, D, C, G, S, colchunk))], \
+            N * G * nchunks * 3
+    TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, K, K, target)
     tpg = _tiles_per_group(C, G, TC)
-    TCa, TSa, sposa, nsba, ncta = _cl_plan(N, S, C, T, config.APPLY_ITEMS)
+    TCa, TSa, sposa, nsba, ncta = _cl_plan(N, S, C, T, K, config.APPLY_ITEMS)
     return [("fwd_stats_cl", (N * nsb, nct), (TC, TS), (S, C, G, spos, nsb, tpg)),
             ("fwd_finalize", N * G, T, (S * C, nsb, tpg, G, Cg, TC)),
             ("fwd_apply_cl", (N * nsba, ncta), (TCa, TSa), (S, C, G, sposa, nsba))], \
@@ -342,19 +366,19 @@ def forward_plan(N, C, S, G, layout, sms, cfg):
 
 
 @functools.lru_cache(maxsize=4096)
-def backward_plan(N, C, S, G, layout, sms, cfg):
+def backward_plan(N, C, S, G, layout, sms, cfg, K):
     """Launches of the sums, finalize and dx kernels and the partials' size (the per-sample
     gradients take the first two)."""
     T = cfg[0]
     target = config.BLOCKS_PER_SM * sms
     if layout == NCHW:
-        bt, colchunk, ncol = _row_plan(S, N * C, T, target)
-        bta, colchunka, ncola = _row_plan(S, N * C, T)
+        bt, colchunk, ncol = _row_plan(S, N * C, T, K, target)
+        bta, colchunka, ncola = _row_plan(S, N * C, T, K)
         return [("bwd_sums_nchw", (N * C, ncol), bt, (C, G, S, colchunk)),
                 ("bwd_finalize", N * G, T, (ncol, C, G, S)),
                 ("bwd_dx_nchw", (N * C, ncola), bta, (N, C, G, S, colchunka))], N * C * ncol * 2
-    TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, config.ITEMS, target)
-    TCa, TSa, sposa, nsba, ncta = _cl_plan(N, S, C, T, config.APPLY_ITEMS)
+    TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, K, K, target)
+    TCa, TSa, sposa, nsba, ncta = _cl_plan(N, S, C, T, K, config.APPLY_ITEMS)
     return [("bwd_sums_cl", (N * nsb, nct), (TC, TS), (S, C, G, spos, nsb)),
             ("bwd_finalize", N * G, T, (nsb, C, G, S)),
             ("bwd_dx_cl", (N * nsba, ncta), (TCa, TSa), (N, S, C, G, sposa, nsba))], \
@@ -387,10 +411,6 @@ def _launch(ks, name, grid, block, stream, *args):
     launcher(*args)
 
 
-def _has(a):
-    return a is not None
-
-
 # --------------------------------------------------------------------------- validation
 
 
@@ -401,10 +421,17 @@ def _stream(stream):
     if stream is None or (isinstance(stream, int) and stream == 0):
         return 0
     if isinstance(stream, int):
-        return cuda.external_stream(stream)
+        return _external_stream(stream)
     if hasattr(stream, "cuda_stream"):
-        return cuda.external_stream(stream.cuda_stream)
+        return _external_stream(stream.cuda_stream)
     return stream
+
+
+@functools.lru_cache(maxsize=256)
+def _external_stream(handle: int):
+    """One Numba stream object per raw handle: creating one costs microseconds, and the
+    launchers cached by ``_launch`` are keyed by the stream object."""
+    return cuda.external_stream(handle)
 
 
 def _dev(a, name):
@@ -420,6 +447,11 @@ def check_x(x):
     xa = _dev(x, "x")
     _checks.check_dtype(xa.dtype, DTYPES, "x")
     _checks.check_ndim(xa.shape)
+    if BFLOAT16 is not None and xa.dtype == BFLOAT16 and not SIMULATOR:
+        cc = cuda.get_current_device().compute_capability
+        if cc < (8, 0):
+            raise TypeError(f"bfloat16 needs a GPU of compute capability 8.0 or newer, this "
+                            f"one is {cc[0]}.{cc[1]}; cast x to float32 (x.astype(np.float32))")
     return xa
 
 
@@ -489,8 +521,9 @@ def launch_forward(x, G, weight, bias, eps, activation, y, mean, rstd, stream=0)
     - ``stream``: 0/None (default stream), a raw ``CUstream`` int (torch:
       ``torch.cuda.current_stream().cuda_stream``), a torch stream or a Numba stream.
 
-    One launch (groups that fit one block's registers, NCHW) or three (statistics, merge,
-    apply); only the partial-statistics workspace is allocated here (``workspace_allocator``).
+    NCHW: one launch (groups that fit one block's registers) or two (statistics, apply);
+    channels-last: three (statistics, merge, apply). Only the partial-statistics workspace is
+    allocated here (``workspace_allocator``).
     """
     xa = check_x(x)
     N, C, S = _dims(xa)
@@ -528,7 +561,8 @@ def _forward(xa, G, wa, ba, eps, activation, ya, ma, ra, st):
     b = ba.flat() if ba is not None else x
     hw, hb = wa is not None, ba is not None
     e = accd(eps)
-    steps, nparts = forward_plan(N, C, S, G, xa.layout, sm_count(), _config_key())
+    steps, nparts = forward_plan(N, C, S, G, xa.layout, sm_count(), _config_key(),
+                                 items(xa.dtype))
     part = device_array(nparts, accd, st) if nparts else None
     for name, grid, block, dims in steps:
         if name == "fwd_fused_nchw":
@@ -537,6 +571,8 @@ def _forward(xa, G, wa, ba, eps, activation, ya, ma, ra, st):
             args = (x, *dims, part)
         elif name == "fwd_finalize":
             args = (part, x, *dims, e, mean, rstd)
+        elif name == "fwd_apply_nchw":  # merges the partials itself
+            args = (x, part, *dims, e, mean, rstd, w, b, hw, hb, y)
         else:
             args = (x, *dims, mean, rstd, w, b, hw, hb, y)
         _launch(ks, name, grid, block, st, *args)
@@ -660,7 +696,8 @@ def _backward(dya, xa, ma, ra, G, wa, ba, activation, dxa, pw, pb, gw, gb, st):
     w = wa.flat() if wa is not None else x
     b = ba.flat() if ba is not None else x
     hw, hb = wa is not None, ba is not None
-    steps, nparts = backward_plan(N, C, S, G, xa.layout, sm_count(), _config_key())
+    steps, nparts = backward_plan(N, C, S, G, xa.layout, sm_count(), _config_key(),
+                                  items(xa.dtype))
     (sums, sgrid, sblock, sdims), (fin, fgrid, fblock, fdims), (dxk, dgrid, dblock, ddims) = \
         steps
     p = device_array(nparts, accd, st)

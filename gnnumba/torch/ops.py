@@ -11,9 +11,12 @@ per tensor at every size (2.00 vs 0.60 us at 1x32x8x8 and at 8x256x64x64, float3
 NumPy has no bfloat16 and Numba's CPU target no float16, so half tensors are handed over as
 integer views of their bits (``gnnumba.cpu.HALF_BITS``) and converted in registers.
 
-CUDA: torch tensors go to ``gnnumba.gpu.launch`` (``__cuda_array_interface__``), outputs
-preallocated by torch's caching allocator, work enqueued on torch's current stream; bfloat16
-is upcast to float32 (the interface has no bfloat16 type).
+CUDA: torch tensors go to ``gnnumba.gpu.launch`` (``__cuda_array_interface__``, which
+carries torch's current stream; the kernels are enqueued on that stream, no host sync),
+outputs preallocated by torch's caching allocator. bfloat16 has no type in that interface:
+where the CUDA kernels take bfloat16 (``launch.BFLOAT16``, sm_80+) the tensor's bits are
+handed over as a Numba array of ``ml_dtypes.bfloat16`` (zero-copy); otherwise it is upcast
+to float32.
 
 Layout: NCHW-contiguous and channels-last (memory order N, spatial..., C, what
 ``torch.channels_last`` gives) are used as they are and the output keeps the layout; any other
@@ -25,6 +28,7 @@ work.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -121,6 +125,7 @@ class _Plan(NamedTuple):
     empty: bool         # no elements
     small: bool         # output below cpu.empty's pre-faulting size: plain np.empty
     param_dtype: torch.dtype  # torch dtype of the compute dtype (parameters taken as they are)
+    bits: Optional[torch.dtype]  # half types: the integer dtype their bits are viewed as
     to_logical: Optional[tuple]  # channels-last: axes from memory order to (N, C, *spatial)
     to_memory: Optional[tuple]   # and back
 
@@ -150,21 +155,17 @@ def _plan(x: Tensor, G: int) -> _Plan:
             compute=compute, mem_shape=mem_shape(shape, cl),
             mem3=(N, S, C) if cl else (N, C, S), empty=N * C * S == 0,
             small=N * C * S * storage.itemsize < config.CPU_PREFAULT_MIN_BYTES,
-            param_dtype=_TORCH_OF[compute],
+            param_dtype=_TORCH_OF[compute], bits=_BITS_VIEW.get(x.dtype),
             to_logical=(0, nd - 1) + tuple(range(1, nd - 1)) if cl else None,
             to_memory=(0,) + tuple(range(2, nd)) + (1,) if cl else None)
     return plan
 
 
-def _np_view(t: Tensor) -> np.ndarray:
-    """Zero-copy NumPy view of a CPU tensor that needs no grad (half types: their bits)."""
-    return t.view(_BITS_VIEW[t.dtype]).numpy() if t.dtype in _HALF else t.numpy()
-
-
 def _np3(t: Tensor, p: _Plan) -> np.ndarray:
-    """(N, C, S) view of an NCHW tensor, or (N, S, C) of a channels-last one. The memory-order
-    array is C-contiguous, so NumPy reshapes it without copying."""
-    a = _np_view(t)
+    """(N, C, S) view of an NCHW tensor, or (N, S, C) of a channels-last one, zero-copy (half
+    types: their bits). The memory-order array is C-contiguous, so NumPy reshapes it without
+    copying. ``t`` needs no grad."""
+    a = t.view(p.bits).numpy() if p.bits is not None else t.numpy()
     return (a.transpose(p.to_memory) if p.cl else a).reshape(p.mem3)
 
 
@@ -178,7 +179,7 @@ def _cpu_out(p: _Plan, dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
     a = np.empty(p.mem_shape, p.storage) if p.small else cpu.empty(p.mem_shape, p.storage)
     a3 = a.reshape(p.mem3)
     t = torch.from_numpy(a.transpose(p.to_logical) if p.cl else a)
-    return (t.view(dtype) if dtype in _HALF else t), a3
+    return (t.view(dtype) if p.bits is not None else t), a3
 
 
 # Zero-copy NumPy views of parameters, by (address, C, dtype). A view keeps its tensor's
@@ -290,14 +291,44 @@ def _torch_allocator(device: torch.device):
 
 def _cuda_param(p: Optional[Tensor], dtype: torch.dtype):
     """launch_* want parameters in x's dtype and contiguous."""
-    return None if p is None else p.detach().to(dtype).contiguous()
+    return None if p is None else _cuda_array(p.detach().to(dtype).contiguous())
+
+
+def _bf16_native(launch, x: Tensor) -> bool:
+    """The CUDA kernels take bfloat16 for x's device (the simulator: always)."""
+    if getattr(launch, "BFLOAT16", None) is None:
+        return False
+    return getattr(launch, "SIMULATOR", False) or _capability(x.device.index) >= (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def _cuda_array(t: Tensor):
+    """What launch_* take for a tensor: the tensor itself (``__cuda_array_interface__``), or,
+    for bfloat16, a zero-copy Numba array of ``ml_dtypes.bfloat16`` over its bits."""
+    if t.dtype is not torch.bfloat16:
+        return t
+    from ..gpu import launch
+
+    bits = t.view(torch.int16)
+    if getattr(launch, "SIMULATOR", False):  # tests: CPU tensors stand in for CUDA ones
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(bits.numpy().view(launch.BFLOAT16))
+    from numba import cuda
+
+    return cuda.as_cuda_array(bits, sync=False).view(launch.BFLOAT16)
 
 
 def _cuda_forward(x: Tensor, G: int, weight, bias, eps: float, act: int):
-    if x.dtype not in _CUDA_NATIVE:
+    from ..gpu import launch  # lazy: numba-cuda is an optional extra
+
+    if x.dtype not in _CUDA_NATIVE and not _bf16_native(launch, x):
         y, mean, rstd = _cuda_forward(x.float(), G, weight, bias, eps, act)
         return y.to(x.dtype), mean, rstd
-    from ..gpu import launch  # lazy: numba-cuda is an optional extra
 
     x, cl = in_fast_layout(x.detach())
     y = empty_like_layout(x, cl)
@@ -306,19 +337,21 @@ def _cuda_forward(x: Tensor, G: int, weight, bias, eps: float, act: int):
     mean = x.new_empty((x.shape[0], G), dtype=_cuda_stats_dtype(x))
     rstd = torch.empty_like(mean)
     with _on_device(x.device), launch.workspace_allocator(_torch_allocator(x.device)):
-        launch.launch_forward(x, G, _cuda_param(weight, x.dtype), _cuda_param(bias, x.dtype),
-                              eps, _ACTIVATION_NAME[act], y, mean, rstd,
+        launch.launch_forward(_cuda_array(x), G, _cuda_param(weight, x.dtype),
+                              _cuda_param(bias, x.dtype), eps, _ACTIVATION_NAME[act],
+                              _cuda_array(y), mean, rstd,
                               stream=_numba_stream(x.device))
     return y, mean, rstd
 
 
 def _cuda_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bias,
                    act: int, per_sample: bool):
-    if x.dtype not in _CUDA_NATIVE:
+    from ..gpu import launch
+
+    if x.dtype not in _CUDA_NATIVE and not _bf16_native(launch, x):
         dx, dw, db = _cuda_backward(dy.float(), x.float(), mean, rstd, weight, bias, act,
                                     per_sample)
         return dx.to(x.dtype), dw, db
-    from ..gpu import launch
 
     x, cl = in_fast_layout(x.detach())
     dy = in_layout(dy.detach().to(x.dtype), cl)
@@ -328,16 +361,20 @@ def _cuda_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bi
     if x.numel() == 0:
         zeros = x.new_zeros((N, C) if per_sample else C, dtype=sdt)
         return dx, zeros, zeros.clone()
-    # per-sample (N, C) sums in the accumulation dtype; the (C,) sums in x's dtype
+    # per-sample (N, C) sums and their (C,) sums over N in the accumulation dtype: float32
+    # for half input (a float16 dweight overflows above 65504); the caller casts to the
+    # parameter's dtype
     dweight_n = x.new_empty((N, C), dtype=sdt)
     dbias_n = torch.empty_like(dweight_n)
-    dweight = x.new_empty(C)
-    dbias = x.new_empty(C)
+    dweight = x.new_empty(C, dtype=sdt)
+    dbias = x.new_empty(C, dtype=sdt)
     with _on_device(x.device), launch.workspace_allocator(_torch_allocator(x.device)):
-        launch.launch_backward(dy, x, mean.detach().to(sdt).contiguous(),
+        launch.launch_backward(_cuda_array(dy), _cuda_array(x),
+                               mean.detach().to(sdt).contiguous(),
                                rstd.detach().to(sdt).contiguous(), mean.shape[1],
                                _cuda_param(weight, x.dtype), _cuda_param(bias, x.dtype),
-                               _ACTIVATION_NAME[act], dx, dweight_n, dbias_n, dweight, dbias,
+                               _ACTIVATION_NAME[act], _cuda_array(dx), dweight_n, dbias_n,
+                               _cuda_array(dweight), _cuda_array(dbias),
                                stream=_numba_stream(x.device))
     if per_sample:
         return dx, dweight_n, dbias_n

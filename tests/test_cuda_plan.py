@@ -1,0 +1,97 @@
+"""Launch plans of the CUDA kernels (pure host arithmetic, no GPU and no simulator needed):
+launch counts per path, grids that fill the device from its SM count, channel tiles."""
+
+import os
+
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("plans are tested with the real numba.cuda import", allow_module_level=True)
+pytest.importorskip("numba.cuda")
+
+from gnnumba.gpu import config, launch  # noqa: E402
+
+CFG = launch._config_key()
+
+
+def _blocks(grid):
+    return grid if isinstance(grid, int) else grid[0] * grid[1]
+
+
+@pytest.mark.parametrize("shape, layout, launches", [
+    ((2, 1280, 8, 8), "nchw", ["fwd_fused_nchw"]),  # 40 x 64 = 2560 elements per group
+    ((2, 1280, 16, 16), "nchw", ["fwd_stats_nchw", "fwd_apply_nchw"]),
+    ((2, 1280, 8, 8), "cl", ["fwd_stats_cl", "fwd_finalize", "fwd_apply_cl"]),
+])
+def test_forward_launches(shape, layout, launches):
+    N, C, H, W = shape
+    steps, _ = launch.forward_plan(N, C, H * W, 32, layout, 132, CFG, 4)
+    assert [s[0] for s in steps] == launches
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_backward_is_three_launches(layout):
+    steps, _ = launch.backward_plan(2, 320, 64 * 64, 32, layout, 132, CFG, 4)
+    assert [s[0] for s in steps] == [f"bwd_sums_{layout}", "bwd_finalize", f"bwd_dx_{layout}"]
+
+
+@pytest.mark.parametrize("shape, layout", [((2, 1280, 16, 16), "nchw"),
+                                           ((8, 1280, 8, 8), "cl")])
+def test_statistics_grid_fills_an_h100(shape, layout):
+    """The two grids the review found too small (64 and 20 blocks on 132 SMs)."""
+    N, C, H, W = shape
+    steps, _ = launch.forward_plan(N, C, H * W, 32, layout, 132, CFG, 4)
+    assert _blocks(steps[0][1]) >= 132, steps[0]
+
+
+def test_grid_follows_the_sm_count():
+    """Statistics blocks scale with the device (A100: 108 SMs, H100: 132)."""
+    grids = [_blocks(launch.forward_plan(1, 32, 256 * 256, 32, "nchw", sms, CFG, 4)[0][0][1])
+             for sms in (108, 132)]
+    assert 108 <= grids[0] < grids[1] <= config.BLOCKS_PER_SM * 132
+
+
+@pytest.mark.parametrize("C, G, TC, expected", [
+    (1280, 32, 256, 2),  # groups of 40 channels: some straddle a tile boundary
+    (256, 32, 256, 1),  # 8 channels per group, tiles of 256: each group in one tile
+    (12, 2, 4, 2),  # 6 channels per group in tiles of 4: each group spans 2 tiles
+    (20, 2, 4, 3),  # 10 channels per group: channels 0-9 span tiles 0-2, 10-19 tiles 2-4
+])
+def test_tiles_per_group(C, G, TC, expected):
+    assert launch._tiles_per_group(C, G, TC) == expected
+
+
+def test_half_types_keep_16_bytes_in_flight():
+    """Twice the values per tile for 2-byte types: as many bytes in flight as float32."""
+    import numpy as np
+
+    assert launch.items(np.float16) * 2 == launch.items(np.float32) * 4 == 16
+
+
+class _FakeMemory:
+    """Device memory stand-in: DeviceNDArray with given gpu_data allocates nothing."""
+
+    device_ctypes_pointer = type("Ptr", (), {"value": 1 << 20})()
+    handle = 1 << 20
+    owner = None
+
+    def view(self, *args):
+        return self
+
+
+def test_numba_bfloat16_arrays_keep_their_dtype():
+    """A Numba device array of ml_dtypes.bfloat16 says "<V2" in its array interface; the
+    host side reads the dtype from the array itself and flattens it without the interface."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import numpy as np
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    a = DeviceNDArray((2, 3, 4), (24, 8, 2), bf16, gpu_data=_FakeMemory())
+    assert a.__cuda_array_interface__["typestr"] == "<V2"
+    d = launch.DevArray(a, "x")
+    assert (d.dtype, d.layout) == (bf16, launch.NCHW)
+    flat = d.flat()
+    assert (flat.shape, flat.dtype) == ((24,), bf16)
+    cl = DeviceNDArray((2, 3, 4), (24, 2, 6), bf16, gpu_data=_FakeMemory())  # channels-last
+    assert launch.DevArray(cl, "x").layout == launch.CL
