@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import activations
+
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 LAYOUTS = ("nchw", "channels_last", "strided")
-ACTIVATIONS = (None, "silu", "relu", "gelu")
+ACTIVATIONS = activations.NAMES  # every activation of the one table is tested
 
 
 @dataclass(frozen=True)
