@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
-ACTIVATIONS = [None, "silu", "relu", "gelu"]
+ACTIVATIONS = list(cases.ACTIVATIONS)  # the activation table's names
 SHAPE, G = (2, 8, 5, 6), 4
 
 
