@@ -99,14 +99,16 @@ CHECK_HALF = [
 CUDA_SIM = [
     Case("nchw split: 2 blocks per group", (2, 6, 5, 7), 3),
     Case("nchw fused: group on chip, silu", (2, 4, 3, 5), 2, activation="silu"),
-    Case("channels-last: channel tiles x spatial chunks", (2, 6, 4, 5), 3,
-         layout="channels_last"),
+    Case("channels-last: channel tiles x spatial chunks, relu", (2, 6, 4, 5), 3,
+         layout="channels_last", activation="relu"),
     Case("channels-last 1-D, C > tile, silu", (1, 12, 9), 4, layout="channels_last",
          activation="silu"),
-    Case("float16 accumulated in float32, silu", (2, 4, 6, 6), 2, activation="silu",
+    Case("float16 accumulated in float32, gelu", (2, 4, 6, 6), 2, activation="gelu",
          dtype="float16"),
-    Case("channels-last float64, one group", (2, 4, 3, 3), 1, layout="channels_last",
-         dtype="float64"),
+    Case("channels-last float64, one group, gelu", (2, 4, 3, 3), 1, layout="channels_last",
+         activation="gelu", dtype="float64"),
+    Case("channels-last groups straddle channel tiles (Cg=6, tile 4)", (1, 12, 3, 3), 2,
+         layout="channels_last"),
 ]
 
 

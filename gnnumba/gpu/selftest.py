@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import reference
+from .. import cases, reference
 from . import config, launch
 
 # Lowered launch configuration: 32-thread blocks, 2 items per thread and 2 tiles per flush of
@@ -19,16 +19,9 @@ from . import config, launch
 SMALL_CONFIG = dict(THREADS=32, ITEMS=2, FUSED_ITEMS=2, FLUSH=2, BLOCKS_PER_SM=16,
                     MIN_BLOCK_ELEMS=16, APPLY_ITEMS=2, CL_MIN_TILE_C=4)
 
-# (name, shape, G, dtype, channels_last, activation): each says what it exercises
-CASES = [
-    ("nchw-split-f32", (2, 6, 5, 7), 3, np.float32, False, None),  # 2 blocks per group
-    ("nchw-fused-f32-silu", (2, 4, 3, 5), 2, np.float32, False, "silu"),  # group on-chip
-    ("cl-f32-relu", (2, 6, 4, 5), 3, np.float32, True, "relu"),  # channel tiles x chunks
-    ("cl-f32-silu", (1, 12, 9), 4, np.float32, True, "silu"),  # 1-D spatial, C > tile
-    ("nchw-f16-gelu", (2, 4, 6, 6), 2, np.float16, False, "gelu"),  # fp32 accumulation
-    ("cl-f64-gelu", (2, 4, 3, 3), 1, np.float64, True, "gelu"),  # one group (LayerNorm-like)
-    ("cl-f32-groups-straddle-tiles", (1, 12, 3, 3), 2, np.float32, True, None),  # Cg=6, TC=4
-]
+# the CUDA simulator cases of the one case table (each says what it exercises)
+CASES = [(c.label, c.shape, c.groups, np.dtype(c.dtype).type, c.layout == "channels_last",
+          c.activation) for c in cases.CUDA_SIM]
 
 
 reference_forward = reference.forward  # float64, every activation of the table
