@@ -152,6 +152,3 @@ def accumulation_dtype(dtype) -> np.dtype:
             name = str(dtype).removeprefix("torch.")
     return _FLOAT64 if name == "float64" else _FLOAT32
 
-
-# the name the CUDA backend still uses; the same rule
-stats_dtype = accumulation_dtype

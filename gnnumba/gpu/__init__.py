@@ -32,7 +32,7 @@ def group_norm_forward(x, G, weight, bias, eps, *, activation=None, out=None):
     N, C = xa.shape[:2]
     if xa.layout is None:
         xa = launch.as_layout(xa, NCHW)
-    sdt = _checks.stats_dtype(xa.dtype)
+    sdt = _checks.accumulation_dtype(xa.dtype)
     mean = launch.empty((N, G), sdt, NCHW)
     rstd = launch.empty((N, G), sdt, NCHW)
     if out is None:
@@ -71,7 +71,7 @@ def per_sample_param_grads(dy, x, mean, rstd, G, weight=None, bias=None, *, acti
     activation = _checks.check_activation(activation)
     xa = _x_in_fast_layout(x)
     N, C = xa.shape[:2]
-    acc = _checks.stats_dtype(xa.dtype)
+    acc = _checks.accumulation_dtype(xa.dtype)
     dwn = launch.empty((N, C), acc, NCHW)
     dbn = launch.empty((N, C), acc, NCHW)
     launch_per_sample_param_grads(dy, xa.obj, mean, rstd, G, weight, bias, activation, dwn,

@@ -261,7 +261,7 @@ def items(dtype) -> int:
 
 
 def _kernels(dtype, activation):
-    acc = "float64" if np.dtype(dtype) == np.float64 else "float32"
+    acc = _checks.accumulation_dtype(dtype).name
     return kernels.build(_threads(), items(dtype), config.FUSED_ITEMS, config.FLUSH, acc,
                          activations.code(activation))
 
@@ -499,7 +499,7 @@ def _dims(xa):
 
 
 def _acc_type(dtype):
-    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    return _checks.accumulation_dtype(dtype).type
 
 
 # --------------------------------------------------------------------------- forward
@@ -532,7 +532,7 @@ def launch_forward(x, G, weight, bias, eps, activation, y, mean, rstd, stream=0)
     activation = _checks.check_activation(activation)
     wa = _check_param(weight, "weight", C, xa.dtype)
     ba = _check_param(bias, "bias", C, xa.dtype)
-    sdt = _checks.stats_dtype(xa.dtype)
+    sdt = _checks.accumulation_dtype(xa.dtype)
     ma = _check_stats(mean, "mean", N, G, sdt, out=True)
     ra = _check_stats(rstd, "rstd", N, G, sdt, out=True)
     ya = _check_out_like(y, "y", xa)
@@ -640,7 +640,7 @@ def _check_backward(dy, x, mean, rstd, G, weight, bias, activation, dwn, dbn, st
     dya = _dev(dy, "dy")
     _checks.check_same_dtype("dy", dya.dtype, xa.dtype)
     _checks.check_same_shape("dy", dya.shape, xa.shape)
-    sdt = _checks.stats_dtype(xa.dtype)
+    sdt = _checks.accumulation_dtype(xa.dtype)
     ma = _check_stats(mean, "mean", N, G, sdt)
     ra = _check_stats(rstd, "rstd", N, G, sdt)
     wa = _check_param(weight, "weight", C, xa.dtype)

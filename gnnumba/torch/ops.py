@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import activations, config, cpu
+from .. import _checks, activations, config, cpu
 
 _HALF = (torch.float16, torch.bfloat16)
 # CUDA dtypes handed to the kernels as they are (bfloat16 is upcast to float32)
@@ -98,7 +98,7 @@ def stats_dtype(x: Tensor) -> torch.dtype:
 
 
 def _cuda_stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _TORCH_OF[_checks.accumulation_dtype(x.dtype)]
 
 
 def _empty_stats(x: Tensor, G: int, sdt: torch.dtype):
