@@ -304,9 +304,11 @@ def test_pickle_and_deepcopy():
 
 
 def test_repr():
-    assert repr(gt.GroupNorm(2, 4)) == (
-        "GroupNorm(2, 4, eps=1e-05, affine=True, bias=True, activation=None)")
-    assert "activation='silu'" in repr(gt.GroupNorm(2, 4, activation="silu"))
+    """torch's fields in torch's format, under a name that says which GroupNorm it is."""
+    torch_fields = repr(torch.nn.GroupNorm(2, 4)).removeprefix("GroupNorm")
+    assert repr(gt.GroupNorm(2, 4)) == "gnnumba.torch.GroupNorm" + torch_fields
+    assert repr(gt.GroupNorm(2, 4, activation="silu")) == (
+        "gnnumba.torch.GroupNorm" + torch_fields[:-1] + ", activation='silu')")
 
 
 def test_module_half_params_and_input():

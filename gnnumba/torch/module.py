@@ -43,8 +43,13 @@ class GroupNorm(nn.GroupNorm):
                               self.activation, self.num_channels)
         return _run(input, G, weight, bias, eps, act)
 
+    def _get_name(self) -> str:
+        # printed models show which GroupNorm runs (torch's prints as plain "GroupNorm")
+        return "gnnumba.torch.GroupNorm"
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation!r}"
+        base = super().extra_repr()  # torch's own fields, in torch's format
+        return base if self.activation is None else f"{base}, activation={self.activation!r}"
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling it
