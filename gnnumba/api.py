@@ -221,9 +221,36 @@ def _out(out, x, dtype, kind, channels_last, params):
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, out=None):
-    """GroupNorm (Wu & He, 2018) of ``x`` with shape (N, C, *spatial); returns ``y`` of x's
-    kind. ``out`` may be a preallocated array of x's kind, shape and dtype (x itself for
-    in-place)."""
+    """GroupNorm (Wu & He, 2018): ``y = act((x - mean) * rstd * weight + bias)`` per
+    (sample, group of C/num_groups channels), like ``torch.nn.functional.group_norm``.
+
+    Parameters
+    ----------
+    x : array of shape (N, C, *spatial), zero or more spatial dims
+        NumPy float32/float64, or any CPU array that speaks DLPack (torch float16/bfloat16
+        too; JAX), read in place; or a CUDA array (Numba device array,
+        ``__cuda_array_interface__``). C-contiguous and channels-last are fast paths; other
+        strides are copied once.
+    num_groups : int dividing C (a 0-d integer array is accepted)
+    weight, bias : arrays of shape (C,) in x's dtype and kind, or None (1 and 0)
+    eps : float >= 0, added to the biased variance
+    activation : None, "silu", "relu" or "gelu" (erf form), fused
+    out : optional array of x's kind, shape and dtype to write into (x itself for in-place)
+
+    Returns
+    -------
+    y : of x's kind, dtype and layout (CUDA input: a Numba device array)
+
+    Raises
+    ------
+    ValueError
+        C not divisible by num_groups (the message lists the valid counts), num_groups < 1,
+        x.ndim < 2, wrong weight/bias shape, eps < 0, unknown activation, ``out``
+        overlapping an input other than being x itself.
+    TypeError
+        non-array input, unsupported dtype (ints, complex, mixed dtypes), arrays of mixed
+        kinds, masked or byte-swapped arrays, an immutable ``out`` (JAX).
+    """
     return _forward(x, num_groups, weight, bias, eps, activation, out, stats=False)[0]
 
 
