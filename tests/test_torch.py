@@ -412,7 +412,7 @@ def test_concurrent_calls_from_threads_are_correct():
 _SIMULATED_CUDA_SCRIPT = r"""
 import torch
 from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-from gnnumba.torch import ops
+from gnnumba.torch import ops, ops_cuda
 from gnnumba.gpu import config, launch
 
 config.THREADS = 32  # small blocks: several per group even at these sizes
@@ -430,7 +430,7 @@ def adapt(fn):
 SENTINEL = object()
 launch.launch_forward = adapt(launch.launch_forward)
 launch.launch_backward = adapt(launch.launch_backward)
-ops._numba_stream = lambda device: SENTINEL
+ops_cuda._numba_stream = lambda device: SENTINEL
 
 for dtype, cl, tol in ((torch.float32, True, 1e-5), (torch.float16, False, 4e-3),
                        (torch.bfloat16, True, 1.6e-2)):
@@ -440,9 +440,9 @@ for dtype, cl, tol in ((torch.float32, True, 1e-5), (torch.float16, False, 4e-3)
     x = x.to(dtype)
     w, b = torch.rand(8) + 0.5, torch.randn(8)
     dy = torch.randn(2, 8, 3, 5).to(dtype)
-    y, mean, rstd = ops._cuda_forward(x, 4, w, b, 1e-5, 1)
+    y, mean, rstd = ops_cuda.forward(x, 4, w, b, 1e-5, 1)
     y_cpu, mean_cpu, rstd_cpu = ops._cpu_forward(x, 4, w, b, 1e-5, 1)
-    dx, dw, db = ops._cuda_backward(dy, x, mean, rstd, w, b, 1, False)
+    dx, dw, db = ops_cuda.backward(dy, x, mean, rstd, w, b, 1, False)
     dx_cpu, dw_cpu, db_cpu = ops._cpu_backward(dy, x, mean_cpu, rstd_cpu, w, b, 1, False)
     assert y.dtype == dx.dtype == dtype and y.stride() == x.stride() == dx.stride()
     assert mean.dtype == rstd.dtype == torch.float32

@@ -11,12 +11,7 @@ per tensor at every size (2.00 vs 0.60 us at 1x32x8x8 and at 8x256x64x64, float3
 NumPy has no bfloat16 and Numba's CPU target no float16, so half tensors are handed over as
 integer views of their bits (``gnnumba.cpu.HALF_BITS``) and converted in registers.
 
-CUDA: torch tensors go to ``gnnumba.gpu.launch`` (``__cuda_array_interface__``, which
-carries torch's current stream; the kernels are enqueued on that stream, no host sync),
-outputs preallocated by torch's caching allocator. bfloat16 has no type in that interface:
-where the CUDA kernels take bfloat16 (``launch.BFLOAT16``, sm_80+) the tensor's bits are
-handed over as a Numba array of ``ml_dtypes.bfloat16`` (zero-copy); otherwise it is upcast
-to float32.
+CUDA tensors go to ``ops_cuda.py``, the CUDA half of the bridge.
 
 Layout: NCHW-contiguous and channels-last (memory order N, spatial..., C, what
 ``torch.channels_last`` gives) are used as they are and the output keeps the layout; any other
@@ -27,20 +22,16 @@ work.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _checks, activations, config, cpu
+from .. import _checks, config, cpu
+from . import ops_cuda
 
 _HALF = (torch.float16, torch.bfloat16)
-# CUDA dtypes handed to the kernels as they are (bfloat16 is upcast to float32)
-_CUDA_NATIVE = (torch.float16, torch.float32, torch.float64)
-_ACTIVATION_NAME = {code: name for name, code in activations.CODES.items()}
 
 # NumPy storage for each torch dtype (half types: their bits) and the kernels' compute dtype
 _NP_STORAGE = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
@@ -94,10 +85,11 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     a conversion. CUDA: float64 for float64 input, float32 otherwise."""
     if x.device.type == "cpu":
         return torch.float64
-    return _cuda_stats_dtype(x)
+    return accumulation_dtype(x)
 
 
-def _cuda_stats_dtype(x: Tensor) -> torch.dtype:
+def accumulation_dtype(x: Tensor) -> torch.dtype:
+    """float64 for float64 input, float32 otherwise (_checks.accumulation_dtype)."""
     return _TORCH_OF[_checks.accumulation_dtype(x.dtype)]
 
 
@@ -248,139 +240,6 @@ def _cpu_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
     return dx, torch.from_numpy(dw), torch.from_numpy(db)
 
 
-# --------------------------------------------------------------------------- CUDA
-#
-# gnnumba.gpu.launch takes torch CUDA tensors directly (through __cuda_array_interface__),
-# NCHW or channels-last, float16/32/64, outputs preallocated, and only enqueues work on the
-# stream it is given: no host synchronisation.
-
-_streams: dict = {}
-
-
-def _numba_stream(device: torch.device):
-    """Numba's handle on torch's current stream for ``device``, cached per stream pointer
-    (creating one costs a few microseconds)."""
-    ptr = torch.cuda.current_stream(device).cuda_stream
-    s = _streams.get(ptr)
-    if s is None:
-        from numba import cuda
-
-        s = _streams[ptr] = cuda.external_stream(ptr)
-    return s
-
-
-def _on_device(device: torch.device):
-    """Numba's context for the tensor's GPU; a no-op on single-GPU machines, where Numba
-    and torch share the device's primary context anyway."""
-    if torch.cuda.device_count() > 1:
-        from numba import cuda
-
-        return cuda.gpus[device.index if device.index is not None else 0]
-    return contextlib.nullcontext()
-
-
-def _torch_allocator(device: torch.device):
-    """Workspaces (partials) from torch's caching allocator instead of cudaMalloc per call;
-    allocated on the current stream, where the kernels run, so freeing them is safe."""
-
-    def alloc(shape, dtype):
-        return torch.empty(shape, dtype=getattr(torch, dtype.name), device=device)
-
-    return alloc
-
-
-def _cuda_param(p: Optional[Tensor], dtype: torch.dtype):
-    """launch_* want parameters in x's dtype and contiguous."""
-    return None if p is None else _cuda_array(p.detach().to(dtype).contiguous())
-
-
-def _bf16_native(launch, x: Tensor) -> bool:
-    """The CUDA kernels take bfloat16 for x's device (the simulator: always)."""
-    if getattr(launch, "BFLOAT16", None) is None:
-        return False
-    return getattr(launch, "SIMULATOR", False) or _capability(x.device.index) >= (8, 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index) -> tuple:
-    return torch.cuda.get_device_capability(index)
-
-
-def _cuda_array(t: Tensor):
-    """What launch_* take for a tensor: the tensor itself (``__cuda_array_interface__``), or,
-    for bfloat16, a zero-copy Numba array of ``ml_dtypes.bfloat16`` over its bits."""
-    if t.dtype is not torch.bfloat16:
-        return t
-    from ..gpu import launch
-
-    bits = t.view(torch.int16)
-    if getattr(launch, "SIMULATOR", False):  # tests: CPU tensors stand in for CUDA ones
-        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-
-        return FakeCUDAArray(bits.numpy().view(launch.BFLOAT16))
-    from numba import cuda
-
-    return cuda.as_cuda_array(bits, sync=False).view(launch.BFLOAT16)
-
-
-def _cuda_forward(x: Tensor, G: int, weight, bias, eps: float, act: int):
-    from ..gpu import launch  # lazy: numba-cuda is an optional extra
-
-    if x.dtype not in _CUDA_NATIVE and not _bf16_native(launch, x):
-        y, mean, rstd = _cuda_forward(x.float(), G, weight, bias, eps, act)
-        return y.to(x.dtype), mean, rstd
-
-    x, cl = in_fast_layout(x.detach())
-    y = empty_like_layout(x, cl)
-    if x.numel() == 0:
-        return (y,) + _empty_stats(x, G, _cuda_stats_dtype(x))
-    mean = x.new_empty((x.shape[0], G), dtype=_cuda_stats_dtype(x))
-    rstd = torch.empty_like(mean)
-    with _on_device(x.device), launch.workspace_allocator(_torch_allocator(x.device)):
-        launch.launch_forward(_cuda_array(x), G, _cuda_param(weight, x.dtype),
-                              _cuda_param(bias, x.dtype), eps, _ACTIVATION_NAME[act],
-                              _cuda_array(y), mean, rstd,
-                              stream=_numba_stream(x.device))
-    return y, mean, rstd
-
-
-def _cuda_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bias,
-                   act: int, per_sample: bool):
-    from ..gpu import launch
-
-    if x.dtype not in _CUDA_NATIVE and not _bf16_native(launch, x):
-        dx, dw, db = _cuda_backward(dy.float(), x.float(), mean, rstd, weight, bias, act,
-                                    per_sample)
-        return dx.to(x.dtype), dw, db
-
-    x, cl = in_fast_layout(x.detach())
-    dy = in_layout(dy.detach().to(x.dtype), cl)
-    dx = empty_like_layout(x, cl)
-    N, C = x.shape[0], x.shape[1]
-    sdt = _cuda_stats_dtype(x)
-    if x.numel() == 0:
-        zeros = x.new_zeros((N, C) if per_sample else C, dtype=sdt)
-        return dx, zeros, zeros.clone()
-    # per-sample (N, C) sums and their (C,) sums over N in the accumulation dtype: float32
-    # for half input (a float16 dweight overflows above 65504); the caller casts to the
-    # parameter's dtype
-    dweight_n = x.new_empty((N, C), dtype=sdt)
-    dbias_n = torch.empty_like(dweight_n)
-    dweight = x.new_empty(C, dtype=sdt)
-    dbias = x.new_empty(C, dtype=sdt)
-    with _on_device(x.device), launch.workspace_allocator(_torch_allocator(x.device)):
-        launch.launch_backward(_cuda_array(dy), _cuda_array(x),
-                               mean.detach().to(sdt).contiguous(),
-                               rstd.detach().to(sdt).contiguous(), mean.shape[1],
-                               _cuda_param(weight, x.dtype), _cuda_param(bias, x.dtype),
-                               _ACTIVATION_NAME[act], _cuda_array(dx), dweight_n, dbias_n,
-                               _cuda_array(dweight), _cuda_array(dbias),
-                               stream=_numba_stream(x.device))
-    if per_sample:
-        return dx, dweight_n, dbias_n
-    return dx, dweight, dbias
-
-
 # --------------------------------------------------------------------------- entry points
 
 
@@ -388,14 +247,14 @@ def forward_impl(x: Tensor, G: int, weight, bias, eps: float, act: int):
     """(y, mean, rstd) on x's device; arguments already validated; ``act`` an
     ``activations`` code."""
     if x.is_cuda:
-        return _cuda_forward(x, G, weight, bias, eps, act)
+        return ops_cuda.forward(x, G, weight, bias, eps, act)
     return _cpu_forward(x, G, weight, bias, eps, act)
 
 
 def forward_y(x: Tensor, G: int, weight, bias, eps: float, act: int) -> Tensor:
     """y alone: the no-grad route, which needs no statistics as tensors."""
     if x.is_cuda:
-        return _cuda_forward(x, G, weight, bias, eps, act)[0]
+        return ops_cuda.forward(x, G, weight, bias, eps, act)[0]
     return _cpu_forward(x, G, weight, bias, eps, act, stats=False)
 
 
@@ -405,5 +264,5 @@ def backward_impl(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
     (float64 on CPU, x's dtype on CUDA) or, with ``per_sample``, the (N, C) per-sample
     gradients (float64 on CPU, the statistics' dtype on CUDA); the caller casts them."""
     if x.is_cuda:
-        return _cuda_backward(dy, x, mean, rstd, weight, bias, act, per_sample)
+        return ops_cuda.backward(dy, x, mean, rstd, weight, bias, act, per_sample)
     return _cpu_backward(dy, x, mean, rstd, weight, bias, act, per_sample)
