@@ -28,4 +28,4 @@ CPU_FUSED_MIN_TASKS_PER_THREAD = 4
 
 # Outputs of at least this many bytes have their pages mapped before a parallel kernel writes
 # them (see gnnumba.cpu.empty): NumPy asks for transparent huge pages from 4 MiB on.
-CPU_PREFAULT_MIN_BYTES = 4 << 20
+CPU_PREFAULT_MIN_BYTES = 32 << 20
