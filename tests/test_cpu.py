@@ -562,11 +562,13 @@ def test_half_precision_kernels(name, layout, small_blocks):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_large_outputs_with_mapped_pages(layout):
-    """Outputs of >= 4 MiB have their pages touched before the kernels write them
-    (cpu.empty); every element must still come from the kernel."""
+def test_large_outputs_with_mapped_pages(layout, monkeypatch):
+    """Outputs of >= config.CPU_PREFAULT_MIN_BYTES (32 MiB; lowered here to keep the test
+    small) have their pages touched before the kernels write them (cpu.empty); every
+    element must still come from the kernel."""
     from gnnumba import config
 
+    monkeypatch.setattr(config, "CPU_PREFAULT_MIN_BYTES", 4 << 20)
     x, w, b, dy = random_inputs((2, 32, 128, 128), np.float32, seed=8)  # 4 MiB
     assert x.nbytes >= config.CPU_PREFAULT_MIN_BYTES
     xl = make_layout(x, layout)

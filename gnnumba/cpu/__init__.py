@@ -175,7 +175,8 @@ def empty(shape, dtype) -> np.ndarray:
     75th-90th percentile, and in ``gnnumba bench`` the allocating forward swung by +-118%.
     Touching one element per page first, on the calling thread (as ``np.empty`` followed by
     a copy does), costs about 1 ms per 32 MiB and made the same runs stable (+-4%). Arrays
-    under 4 MiB come from the allocator's already mapped heap and are left alone."""
+    under ``config.CPU_PREFAULT_MIN_BYTES`` come from memory the allocator keeps mapped and
+    are left alone."""
     a = np.empty(shape, dtype)
     if a.nbytes >= config.CPU_PREFAULT_MIN_BYTES:
         a.reshape(-1)[:: max(1, 4096 // a.itemsize)] = 0

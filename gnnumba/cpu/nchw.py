@@ -28,9 +28,10 @@ from numba import njit, prange
 
 from .activation import NONE, derivative, forward
 from .compile import kernel
-from .stats import (chunk_stats, group_stats, merge, row_sums, rstd_of, set_coefs,
+from .stats import (chunk_stats, dx_coefs, group_stats, merge, row_sums, rstd_of, set_coefs,
                     set_dx_coefs)
-from .storage import cast, load, store
+from .storage import FOLD_LANES as LANES
+from .storage import cast, dx_lanes, load, store
 
 # --------------------------------------------------------------------------- forward
 
@@ -116,37 +117,19 @@ def fwd_split(x2, x3, w, b, eps, act, one, chunk, y3, mean, rstd, coef):
 
 
 @njit(inline="always")
-def _chunk_sums(dy3, x3, coef, n, c, lo, hi, one, act):
-    return row_sums(dy3[n, c, lo:hi], x3[n, c, lo:hi], coef[n, 2, c], coef[n, 0, c],
-                    coef[n, 1, c], one, act)
-
-
-@njit(inline="always")
-def _chunk_sums_direct(dy3, x3, mean, rstd, w, b, coef, n, c, lo, hi, one, act):
-    """``_chunk_sums`` with the coefficients formed here, rounded as set_coefs stores them."""
-    g = c // (x3.shape[1] // mean.shape[1])
-    return row_sums(dy3[n, c, lo:hi], x3[n, c, lo:hi], cast(coef, mean[n, g]),
-                    cast(coef, rstd[n, g] * w[c]), cast(coef, b[c]), one, act)
-
-
-@njit(inline="always")
 def _group_sums(t, dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias_ps, coef):
-    """Gradient sums of every channel of group t = n*G + g, chunk results added in chunk
-    order (the split path adds the same partials in the same order)."""
+    """Gradient sums of every channel of group t = n*G + g (the split path adds the same
+    chunk partials in the same order). The coefficients are formed as set_coefs rounds
+    them, not stored: see ``row_sums``."""
     G = mean.shape[1]
-    S = x3.shape[2]
     Cg = x3.shape[1] // G
     n = t // G
     g = t - n * G
     r = rstd[n, g]
-    set_coefs(coef, n, g, Cg, mean[n, g], r, w, b)
+    m = cast(coef, mean[n, g])
     for c in range(g * Cg, (g + 1) * Cg):
-        s1 = 0.0
-        s2 = 0.0
-        for lo in range(0, S, chunk):
-            a1, a2 = _chunk_sums(dy3, x3, coef, n, c, lo, min(lo + chunk, S), one, act)
-            s1 += a1
-            s2 += a2
+        s1, s2 = row_sums(dy3[n, c], x3[n, c], m, cast(coef, r * w[c]), cast(coef, b[c]),
+                          one, act, chunk)
         dbias_ps[n, c] = s1
         dweight_ps[n, c] = s2 * r
 
@@ -155,13 +138,18 @@ def _group_sums(t, dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias
 def _split_partials_task(t, dy3, x3, mean, rstd, w, b, coef, chunk, one, act, p):
     """Partial gradient sums of chunk k of row (n, c), t = (n*C + c)*ns + k."""
     N, C, S = x3.shape
+    G = mean.shape[1]
     ns = p.shape[1]
     nc = t // ns
     k = t - nc * ns
     lo = k * chunk
     n = nc // C
-    p[nc, k, 0], p[nc, k, 1] = _chunk_sums_direct(dy3, x3, mean, rstd, w, b, coef, n,
-                                                  nc - n * C, lo, min(lo + chunk, S), one, act)
+    c = nc - n * C
+    g = c // (C // G)
+    p[nc, k, 0], p[nc, k, 1] = row_sums(
+        dy3[n, c, lo:min(lo + chunk, S)], x3[n, c, lo:min(lo + chunk, S)],
+        cast(coef, mean[n, g]), cast(coef, rstd[n, g] * w[c]), cast(coef, b[c]), one, act,
+        chunk)
 
 
 @njit(inline="always")
@@ -213,12 +201,16 @@ def sums_split(dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias_ps,
 
 @njit(inline="always")
 def _dx_row(dyr, xr, dxr, a, c0, m, k1, k0, one, act):
-    """dx = a*dz + k1*(x - m) + k0, with dz = dy * act'(z) recomputed (never stored)."""
-    for s in range(xr.shape[0]):
+    """dx = a*dz + k1*(x - m) + k0, with dz = dy * act'(z) recomputed (never stored).
+    Without an activation in masked vector blocks (``storage.dx_lanes``), the same bits."""
+    n = xr.shape[0]
+    if act == NONE:
+        for i in range(0, n, LANES):
+            dx_lanes(dxr, dyr, xr, i, a, m, k1, k0, n - i)
+        return
+    for s in range(n):
         d = load(xr, s) - m
-        v = load(dyr, s)
-        if act != NONE:
-            v = v * derivative(act, d * a + c0, one)
+        v = load(dyr, s) * derivative(act, d * a + c0, one)
         store(dxr, s, a * v + k1 * d + k0)
 
 
@@ -231,16 +223,21 @@ def _dx_chunk(dy3, x3, dx3, coef, n, c, lo, hi, one, act):
 @njit(inline="always")
 def _bwd_group(t, dy3, x3, mean, rstd, w, b, act, one, chunk, dx3, dweight_ps, dbias_ps,
                coef):
-    """Fused backward of group t = n*G + g: gradient sums, then dx while it is in L2."""
+    """Fused backward of group t = n*G + g: gradient sums, then dx while it is in L2. The
+    coefficients are the split path's, rounded as it stores them, but kept in registers
+    (see ``row_sums``)."""
     _group_sums(t, dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias_ps, coef)
     N, C, S = x3.shape
     G = mean.shape[1]
     Cg = C // G
     n = t // G
     g = t - n * G
-    set_dx_coefs(coef, n, g, Cg, Cg * S, rstd[n, g], w, dweight_ps, dbias_ps)
+    r = rstd[n, g]
+    k1, k0 = dx_coefs(n, g, Cg, Cg * S, r, w, dweight_ps, dbias_ps)
+    m = cast(coef, mean[n, g])
     for c in range(g * Cg, (g + 1) * Cg):
-        _dx_chunk(dy3, x3, dx3, coef, n, c, 0, S, one, act)
+        _dx_row(dy3[n, c], x3[n, c], dx3[n, c], cast(coef, r * w[c]), cast(coef, b[c]), m,
+                cast(coef, k1), cast(coef, k0), one, act)
 
 
 @kernel(parallel=True)

@@ -17,7 +17,7 @@ from numba import carray, njit
 
 from .activation import NONE, derivative
 from .compile import kernel
-from .storage import cast, load, stack_zeros
+from .storage import FOLD_LANES, add_lane_sums, cast, fold_lanes, load, stack_zeros
 
 # Strict IEEE arithmetic everywhere (no fast-math flags): a result then depends only on the
 # source, never on how LLVM chose to vectorise a loop in one compilation. (Separately compiled
@@ -26,24 +26,7 @@ from .storage import cast, load, stack_zeros
 # accumulators in a stack array, lane j summing elements j, j + LANES, ..., then the lanes
 # added in a fixed tree. LANES = 64 float32 accumulators are four AVX-512 registers; a 4096
 # element float32 sum runs at 0.017 ns/element (fast-math: 0.012, one accumulator: 0.69).
-LANES = 64  # _fold is written for this value
-
-
-@njit(inline="always")
-def _fold(acc):
-    """sum(acc) for the LANES = 64 lane accumulators, in a fixed pairwise order (acc is
-    clobbered). Written out with constant widths so that each step is a few vector adds."""
-    for j in range(32):
-        acc[j] += acc[j + 32]
-    for j in range(16):
-        acc[j] += acc[j + 16]
-    for j in range(8):
-        acc[j] += acc[j + 8]
-    for j in range(4):
-        acc[j] += acc[j + 4]
-    for j in range(2):
-        acc[j] += acc[j + 2]
-    return acc[0] + acc[1]
+LANES = FOLD_LANES  # the lanes are added up by storage.fold_lanes
 
 
 @njit(inline="always")
@@ -66,7 +49,7 @@ def chunk_stats(a):
         b = a[i:i + LANES]
         for j in range(LANES):
             acc[j] += load(b, j) - k
-    s = _fold(acc)
+    s = fold_lanes(acc)
     for i in range(nl, n):
         s += load(a, i) - k
     m = cast(a, k + s / n)
@@ -78,8 +61,8 @@ def chunk_stats(a):
             d = load(b, j) - m
             acc[j] += d
             acc2[j] += d * d
-    d1 = _fold(acc)
-    q = _fold(acc2)
+    d1 = fold_lanes(acc)
+    q = fold_lanes(acc2)
     for i in range(nl, n):
         d = load(a, i) - m
         d1 += d
@@ -123,40 +106,43 @@ def group_stats(xg, chunk, eps):
 
 
 @njit(inline="always")
-def row_sums(dyr, xr, m, a, c0, one, act):
-    """sum(dz) and sum(dz * (x - m)) over one chunk of a row, dz = dy * act'(z) with the
-    pre-activation z = (x - m)*a + c0 recomputed as the forward formed it. Accumulated in x's
-    dtype (the chunk is short); callers add the chunk results up in float64.
+def row_sums(dyr, xr, m, a, c0, one, act, chunk):
+    """float64 sum(dz) and sum(dz * (x - m)) over a row, dz = dy * act'(z) with the
+    pre-activation z = (x - m)*a + c0 recomputed as the forward formed it. Each ``chunk``
+    of the row is summed in x's dtype and the chunk sums are added in float64, in order, so
+    summing a row here or its chunks one by one (the split path) gives the same bits.
 
-    Without an activation the sums run in LANES lanes; with one, the scalar act' (exp, erf:
-    no vector math library here) costs ~2 ns per element whatever the summation, so a plain
-    loop keeps the compile time down (a lane loop per activation tripled it)."""
+    Without an activation a chunk runs in LANES lanes, its last partial block masked
+    (a 7x7 row, 49 elements, is one masked block and one fold); with one, the scalar act'
+    (exp, erf: no vector math library here) costs ~2 ns per element whatever the summation,
+    so a plain loop keeps the compile time down (a lane loop per activation tripled it).
+    The chunk loop lives here, not in the callers: a chunk loop around this call, or the
+    coefficient stores of ``set_coefs`` in the same loop nest, made LLVM's code for it 3x
+    slower (R50 b8 C2048 7x7 gradient sums, one thread)."""
     n = xr.shape[0]
-    s1 = cast(xr, 0)
-    s2 = cast(xr, 0)
+    z = cast(xr, 0)
+    s1 = 0.0
+    s2 = 0.0
     if act != NONE:
-        for i in range(n):
-            d = load(xr, i) - m
-            v = load(dyr, i) * derivative(act, d * a + c0, one)
-            s1 += v
-            s2 += v * d
+        for lo in range(0, n, chunk):
+            t1 = z
+            t2 = z
+            for i in range(lo, min(lo + chunk, n)):
+                d = load(xr, i) - m
+                v = load(dyr, i) * derivative(act, d * a + c0, one)
+                t1 += v
+                t2 += v * d
+            s1 += t1
+            s2 += t2
         return s1, s2
-    nl = n - n % LANES
-    acc1 = carray(stack_zeros(LANES, s1), (LANES,))
-    acc2 = carray(stack_zeros(LANES, s1), (LANES,))
-    for i in range(0, nl, LANES):
-        xb = xr[i:i + LANES]
-        gb = dyr[i:i + LANES]
-        for j in range(LANES):
-            v = load(gb, j)
-            acc1[j] += v
-            acc2[j] += v * (load(xb, j) - m)
-    s1 = _fold(acc1)
-    s2 = _fold(acc2)
-    for i in range(nl, n):
-        v = load(dyr, i)
-        s1 += v
-        s2 += v * (load(xr, i) - m)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        acc1 = carray(stack_zeros(LANES, z), (LANES,))
+        acc2 = carray(stack_zeros(LANES, z), (LANES,))
+        for i in range(lo, hi, LANES):
+            add_lane_sums(acc1, acc2, dyr, xr, i, m, hi - i)
+        s1 += fold_lanes(acc1)
+        s2 += fold_lanes(acc2)
     return s1, s2
 
 
@@ -191,8 +177,8 @@ def set_coefs(coef, n, g, Cg, mean, rstd, w, b):
 
 
 @njit(inline="always")
-def set_dx_coefs(coef, n, g, Cg, M, rstd, w, dweight_ps, dbias_ps):
-    """Rows 3-4 of group g: dx = scale*dz + k1*(x - mean) + k0, from the group's sums."""
+def dx_coefs(n, g, Cg, M, rstd, w, dweight_ps, dbias_ps):
+    """(k1, k0) of group g in float64: dx = scale*dz + k1*(x - mean) + k0."""
     A = 0.0
     B = 0.0
     for c in range(g * Cg, (g + 1) * Cg):
@@ -200,6 +186,13 @@ def set_dx_coefs(coef, n, g, Cg, M, rstd, w, dweight_ps, dbias_ps):
         B += w[c] * dweight_ps[n, c]
     k1 = -rstd * rstd * B / M if M > 0 else 0.0
     k0 = -rstd * A / M if M > 0 else 0.0
+    return k1, k0
+
+
+@njit(inline="always")
+def set_dx_coefs(coef, n, g, Cg, M, rstd, w, dweight_ps, dbias_ps):
+    """Rows 3-4 of group g: dx = scale*dz + k1*(x - mean) + k0, from the group's sums."""
+    k1, k0 = dx_coefs(n, g, Cg, M, rstd, w, dweight_ps, dbias_ps)
     for c in range(g * Cg, (g + 1) * Cg):
         coef[n, 3, c] = k1
         coef[n, 4, c] = k0

@@ -121,10 +121,194 @@ def stack_zeros(typingctx, n, like):
     def codegen(context, builder, sig, args):
         from numba.core import cgutils
 
-        ptr = cgutils.alloca_once(builder, context.get_data_type(like), size=size)
-        zero = context.get_constant(like, 0)
-        for j in range(size):
-            builder.store(zero, builder.gep(ptr, [context.get_constant(types.intp, j)]))
+        elt = context.get_data_type(like)
+        ptr = cgutils.alloca_once(builder, elt, size=size)
+        # cache-line aligned: the lanes are stored and reloaded as whole vectors, and a
+        # vector split across two lines is not forwarded from the store (3x slower sums)
+        ptr.align = 64
+        # one vector store of zeros: element-wise stores stayed 64 scalar stores per call
+        # in some loop nests (~20 ns for each 7x7 row's sums)
+        builder.store(ir.Constant(ir.VectorType(elt, size), None),
+                      builder.bitcast(ptr, ir.VectorType(elt, size).as_pointer()),
+                      align=context.get_abi_sizeof(elt))
         return ptr
 
     return types.CPointer(like)(n, like), codegen
+
+
+@intrinsic
+def fold_lanes(typingctx, acc):
+    """The sum of a 64-element float array (the lane accumulators of the reductions), added
+    pairwise in a fixed order: lanes j and j + 32, then j and j + 16, ... down to one.
+
+    Written as vector IR (halves of one <64 x float> added together) because the same fold
+    in Python source was scalarised by LLVM: 126 scalar adds per fold, which made a 7x7 row
+    (one fold per channel row) cost 3x its own loads."""
+    if not (isinstance(acc, types.Array) and isinstance(acc.dtype, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        elt = context.get_data_type(sig.args[0].dtype)
+        vec = builder.load(builder.bitcast(data, ir.VectorType(elt, FOLD_LANES).as_pointer()),
+                           align=context.get_abi_sizeof(elt))
+        width = FOLD_LANES
+        while width > 1:
+            half = width // 2
+            lo = ir.Constant(ir.VectorType(ir.IntType(32), half), list(range(half)))
+            hi = ir.Constant(ir.VectorType(ir.IntType(32), half), list(range(half, width)))
+            vec = builder.fadd(builder.shuffle_vector(vec, vec, lo),
+                               builder.shuffle_vector(vec, vec, hi))
+            width = half
+        return builder.extract_element(vec, ir.Constant(ir.IntType(32), 0))
+
+    return acc.dtype(acc), codegen
+
+
+FOLD_LANES = 64
+
+
+def _splat(builder, value, vty):
+    v = builder.insert_element(ir.Constant(vty, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), vty.count),
+                                                    [0] * vty.count))
+
+
+def _contiguous_1d(*arrays) -> bool:
+    """The lane intrinsics address elements as pointer + index: 1-D contiguous arrays only
+    (anything else fails to compile rather than reading the wrong elements)."""
+    return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
+
+
+def _lanes_ptr(builder, context, aryty, ary, offset):
+    """Pointer to element ``offset`` of a contiguous 1-D array."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.gep(data, [offset])
+
+
+def _load_lanes(builder, context, aryty, ary, offset, mask):
+    """FOLD_LANES elements of a 1-D array from ``offset`` as a float32/float64 vector, lanes
+    off in ``mask`` read as 0 and never touched (AVX-512 masked loads)."""
+    ptr = _lanes_ptr(builder, context, aryty, ary, offset)
+    elt = context.get_data_type(aryty.dtype)
+    vty = ir.VectorType(elt, FOLD_LANES)
+    name = "llvm.masked.load.v%d%s.p0" % (FOLD_LANES, {"float": "f32", "double": "f64"}.get(
+        str(elt), "i16"))
+    fn = builder.module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(
+            vty, [ptr.type, ir.IntType(32), mask.type, vty]), name=name)
+    v = builder.call(fn, [ptr, ir.Constant(ir.IntType(32), aryty.dtype.bitwidth // 8), mask,
+                          ir.Constant(vty, None)])
+    f32 = ir.VectorType(ir.FloatType(), FOLD_LANES)
+    i32v = ir.VectorType(ir.IntType(32), FOLD_LANES)
+    if aryty.dtype == types.uint16:  # bfloat16 bits: the high half of a float32
+        v = builder.bitcast(builder.shl(builder.zext(v, i32v),
+                                        _splat(builder, ir.Constant(ir.IntType(32), 16), i32v)),
+                            f32)
+    elif aryty.dtype == types.int16:  # float16 bits
+        v = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), FOLD_LANES)), f32)
+    return v
+
+
+def _mask(builder, count):
+    """<FOLD_LANES x i1>: lane j < count (count clamped to [0, FOLD_LANES], compared as
+    bytes: one vector compare)."""
+    i64 = ir.IntType(64)
+    if count.type.width < 64:
+        count = builder.sext(count, i64)
+    lanes = ir.Constant(i64, FOLD_LANES)
+    count = builder.select(builder.icmp_signed("<", count, lanes), count, lanes)
+    count = builder.select(builder.icmp_signed("<", count, ir.Constant(i64, 0)),
+                           ir.Constant(i64, 0), count)
+    i8v = ir.VectorType(ir.IntType(8), FOLD_LANES)
+    return builder.icmp_unsigned("<", ir.Constant(i8v, list(range(FOLD_LANES))),
+                                 _splat(builder, builder.trunc(count, ir.IntType(8)), i8v))
+
+
+@intrinsic
+def add_lane_sums(typingctx, acc1, acc2, dyr, xr, i, m, count):
+    """acc1 += dy, acc2 += dy * (x - m), lane j taking element i + j of the 1-D arrays
+    ``dyr`` and ``xr`` for j < count (lanes past count add nothing and read nothing). One
+    block of the lane reductions, written as vector IR: the same loop in Python source was
+    vectorised or not depending on the code around it (3x apart between two kernels)."""
+    if not _contiguous_1d(acc1, acc2, dyr, xr):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a1t, a2t, gt, xt = sig.args[:4]
+        ct = context.get_data_type(a1t.dtype)
+        vty = ir.VectorType(ct, FOLD_LANES)
+        mask = _mask(builder, args[6])
+        g = _load_lanes(builder, context, gt, args[2], args[4], mask)
+        x = _load_lanes(builder, context, xt, args[3], args[4], mask)
+        d = builder.select(mask, builder.fsub(x, _splat(builder, args[5], vty)),
+                           ir.Constant(vty, None))
+        p1 = builder.bitcast(context.make_array(a1t)(context, builder, args[0]).data,
+                             vty.as_pointer())
+        p2 = builder.bitcast(context.make_array(a2t)(context, builder, args[1]).data,
+                             vty.as_pointer())
+        align = context.get_abi_sizeof(ct)
+        builder.store(builder.fadd(builder.load(p1, align=align), g), p1, align=align)
+        builder.store(builder.fadd(builder.load(p2, align=align), builder.fmul(g, d)), p2,
+                      align=align)
+        return context.get_dummy_value()
+
+    return types.none(acc1, acc2, dyr, xr, i, m, count), codegen
+
+
+def _store_lanes(builder, context, aryty, ary, offset, vec, mask):
+    """Store a float32/float64 vector into FOLD_LANES elements of a 1-D array from
+    ``offset``, lanes off in ``mask`` untouched; half types rounded exactly as ``store``."""
+    data = _lanes_ptr(builder, context, aryty, ary, offset)
+    n = FOLD_LANES
+    if aryty.dtype == types.int16:  # float16: round to nearest even (vcvtps2ph)
+        vec = builder.bitcast(builder.fptrunc(vec, ir.VectorType(ir.HalfType(), n)),
+                              ir.VectorType(ir.IntType(16), n))
+    elif aryty.dtype == types.uint16:  # bfloat16: the rounding of ``store``, lane-wise
+        i32v = ir.VectorType(ir.IntType(32), n)
+
+        def c(v):
+            return _splat(builder, ir.Constant(ir.IntType(32), v), i32v)
+
+        u = builder.bitcast(vec, i32v)
+        is_nan = builder.icmp_unsigned(">", builder.and_(u, c(0x7FFFFFFF)), c(0x7F800000))
+        rounded = builder.lshr(builder.add(builder.add(u, c(0x7FFF)),
+                                           builder.and_(builder.lshr(u, c(16)), c(1))), c(16))
+        quiet = builder.or_(builder.lshr(u, c(16)), c(0x40))
+        vec = builder.trunc(builder.select(is_nan, quiet, rounded),
+                            ir.VectorType(ir.IntType(16), n))
+    name = "llvm.masked.store.v%d%s.p0" % (n, {"float": "f32", "double": "f64"}.get(
+        str(vec.type.element), "i16"))
+    fn = builder.module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(builder.module, ir.FunctionType(
+            ir.VoidType(), [vec.type, data.type, ir.IntType(32), mask.type]), name=name)
+    builder.call(fn, [vec, data, ir.Constant(ir.IntType(32), aryty.dtype.bitwidth // 8),
+                      mask])
+
+
+@intrinsic
+def dx_lanes(typingctx, dxr, dyr, xr, i, a, m, k1, k0, count):
+    """dx = a*dy + k1*(x - m) + k0 for elements i .. i + min(count, FOLD_LANES) - 1 of the
+    1-D arrays (the others neither read nor written), in that evaluation order and without
+    fused multiply-adds, so it gives the bits of the scalar formula. Vector IR for the same
+    reason as ``add_lane_sums``."""
+    if not _contiguous_1d(dxr, dyr, xr):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dxt, gt, xt, _it, at = sig.args[:5]
+        ct = context.get_data_type(at)
+        vty = ir.VectorType(ct, FOLD_LANES)
+        mask = _mask(builder, args[8])
+        g = _load_lanes(builder, context, gt, args[1], args[3], mask)
+        x = _load_lanes(builder, context, xt, args[2], args[3], mask)
+        d = builder.fsub(x, _splat(builder, args[5], vty))
+        out = builder.fadd(builder.fadd(builder.fmul(_splat(builder, args[4], vty), g),
+                                        builder.fmul(_splat(builder, args[6], vty), d)),
+                           _splat(builder, args[7], vty))
+        _store_lanes(builder, context, dxt, args[0], args[3], out, mask)
+        return context.get_dummy_value()
+
+    return types.none(dxr, dyr, xr, i, a, m, k1, k0, count), codegen
