@@ -12,12 +12,13 @@ Coefficient rows as in ``stats`` (``coef[n, row, c]``).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
 
 from .activation import NONE, derivative, forward
 from .compile import kernel
 from .stats import merge, rstd_of, set_coefs, set_dx_coefs
-from .storage import load, store
+from .storage import FOLD_LANES as LANES
+from .storage import add_lane_deviations, cast, load, stack_zeros, store
 
 
 @njit(inline="always")
@@ -38,44 +39,55 @@ FLUSH = 128
 
 
 @njit(inline="always")
+def _flush(acc, s64, c0):
+    """s64[c0 + l] += acc[l] for the lanes of one channel tile (float64 accumulators)."""
+    for j in range(min(LANES, s64.shape[0] - c0)):
+        s64[c0 + j] += acc[j]
+
+
+@njit(inline="always")
+def _tile_pass(xb, m, c0, s64, q64, squares):
+    """Per-channel sums of d = x - m[c] (and of d*d when ``squares``) over the block's
+    positions for channels c0 .. c0 + LANES - 1, into s64/q64: LANES float accumulators in
+    vector registers, flushed into float64 every FLUSH positions."""
+    P = xb.shape[0]
+    cnt = xb.shape[1] - c0
+    z = cast(m, 0)
+    for f in range(0, P, FLUSH):
+        acc = carray(stack_zeros(LANES, z), (LANES,))
+        acc2 = carray(stack_zeros(LANES, z), (LANES,))
+        for s in range(f, min(f + FLUSH, P)):
+            add_lane_deviations(acc, acc2, xb[s], c0, m, c0, cnt)
+        _flush(acc, s64, c0)
+        if squares:
+            _flush(acc2, q64, c0)
+
+
+@njit(inline="always")
 def _block_stats(xb, Cg, pm, pq, sc, sc64):
     """Per-group (mean, M2) of one block (positions, C) into pm[g], pq[g]: the shifted,
-    corrected two-pass algorithm of ``stats.chunk_stats`` with per-channel accumulators,
-    vectorised along C (the block stays in L2 between passes). The shift is the group's first
-    element in the block, so a constant group sums exact zeros and gets variance 0.
-    ``sc``: (4, C) scratch in x's compute dtype, ``sc64``: (2, C) float64 scratch."""
+    corrected two-pass algorithm of ``stats.chunk_stats`` with per-channel accumulators
+    (the block stays in L2 between passes), a tile of LANES channels at a time with its
+    accumulators in registers (``_tile_pass``). The shift is the group's first element in
+    the block, so a constant group sums exact zeros and gets variance 0. Each channel's sums
+    run over the positions in order whatever the tiling. ``sc``: (4, C) scratch in x's
+    compute dtype, ``sc64``: (2, C) float64 scratch."""
     P, C = xb.shape
     G = C // Cg
-    acc, acc2, mc, kc = sc[0], sc[1], sc[2], sc[3]
+    mc, kc = sc[2], sc[3]
     s64, q64 = sc64[0], sc64[1]
     x0 = xb[0]
     for c in range(C):
         kc[c] = load(x0, c - c % Cg)
     s64[:] = 0.0
-    for f in range(0, P, FLUSH):
-        acc[:] = 0
-        for s in range(f, min(f + FLUSH, P)):
-            xr = xb[s]
-            for c in range(C):
-                acc[c] += load(xr, c) - kc[c]
-        for c in range(C):
-            s64[c] += acc[c]
+    q64[:] = 0.0
+    for c0 in range(0, C, LANES):
+        _tile_pass(xb, kc, c0, s64, q64, False)
     for g in range(G):
         mc[g * Cg:(g + 1) * Cg] = kc[g * Cg] + s64[g * Cg:(g + 1) * Cg].sum() / (P * Cg)
     s64[:] = 0.0
-    q64[:] = 0.0
-    for f in range(0, P, FLUSH):
-        acc[:] = 0
-        acc2[:] = 0
-        for s in range(f, min(f + FLUSH, P)):
-            xr = xb[s]
-            for c in range(C):
-                d = load(xr, c) - mc[c]
-                acc[c] += d
-                acc2[c] += d * d
-        for c in range(C):
-            s64[c] += acc[c]
-            q64[c] += acc2[c]
+    for c0 in range(0, C, LANES):
+        _tile_pass(xb, mc, c0, s64, q64, True)
     n = P * Cg
     for g in range(G):
         d1 = s64[g * Cg:(g + 1) * Cg].sum()

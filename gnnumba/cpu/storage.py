@@ -312,3 +312,32 @@ def dx_lanes(typingctx, dxr, dyr, xr, i, a, m, k1, k0, count):
         return context.get_dummy_value()
 
     return types.none(dxr, dyr, xr, i, a, m, k1, k0, count), codegen
+
+
+@intrinsic
+def add_lane_deviations(typingctx, acc1, acc2, xr, i, mr, j, count):
+    """acc1 += d, acc2 += d*d with d = x[i + l] - m[j + l], lane l < count (the others
+    unchanged, their elements not read): one position of a channels-last block, a tile of
+    FOLD_LANES channels with one accumulator lane per channel."""
+    if not _contiguous_1d(acc1, acc2, xr, mr):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a1t, a2t, xt, _it, mt = sig.args[:5]
+        ct = context.get_data_type(a1t.dtype)
+        vty = ir.VectorType(ct, FOLD_LANES)
+        mask = _mask(builder, args[6])
+        x = _load_lanes(builder, context, xt, args[2], args[3], mask)
+        m = _load_lanes(builder, context, mt, args[4], args[5], mask)
+        d = builder.select(mask, builder.fsub(x, m), ir.Constant(vty, None))
+        p1 = builder.bitcast(context.make_array(a1t)(context, builder, args[0]).data,
+                             vty.as_pointer())
+        p2 = builder.bitcast(context.make_array(a2t)(context, builder, args[1]).data,
+                             vty.as_pointer())
+        align = context.get_abi_sizeof(ct)
+        builder.store(builder.fadd(builder.load(p1, align=align), d), p1, align=align)
+        builder.store(builder.fadd(builder.load(p2, align=align), builder.fmul(d, d)), p2,
+                      align=align)
+        return context.get_dummy_value()
+
+    return types.none(acc1, acc2, xr, i, mr, j, count), codegen
