@@ -167,6 +167,10 @@ def _forward(x, num_groups, weight, bias, eps, activation, out, stats):
         return _cuda_backend().group_norm_forward(
             x, G, weight, bias, _checks.check_eps(eps),
             activation=_checks.check_activation(activation), out=out)
+    if out is None and type(x) is np.ndarray:
+        plan = _numpy_plan(x, num_groups, eps, activation)
+        if plan is not None and _plain(weight, x, plan.C) and _plain(bias, x, plan.C):
+            return _numpy_forward(x, plan, weight, bias, stats)
     xa, dtype, kind = _take(x, "x")
     _checks.check_ndim(xa.shape)
     G = _checks.check_num_groups(num_groups, xa.shape[1])
@@ -191,6 +195,89 @@ def _forward(x, num_groups, weight, bias, eps, activation, out, stats):
     if not stats:
         return y_out, None, None
     return y_out, _stats(mean, acc, kind), _stats(rstd, acc, kind)
+
+
+# --------------------------------------------------------------------------- NumPy fast path
+#
+# The common call, a NumPy float32/float64 x in a fast layout with NumPy parameters and no
+# ``out``, skips the general path's per-call validation and layout work: what it would
+# re-derive is cached per (shape, strides, dtype, num_groups, eps, activation). At 1x32x8x8
+# the general path spent 5.5 us around a 3 us kernel call.
+
+
+class _NumpyPlan(NamedTuple):
+    G: int
+    eps: float
+    act: int
+    channels_last: bool
+    N: int
+    C: int
+    mem_shape: tuple  # y's shape in memory order
+    mem3: tuple  # the kernels' 3-D view: (N, C, S) or (N, S, C)
+    to_logical: tuple | None  # channels-last: axes from memory order to (N, C, *spatial)
+    acc: np.dtype  # dtype of mean/rstd
+
+
+_NUMPY_PLANS: dict = {}
+
+
+def _numpy_plan(x: np.ndarray, num_groups, eps, activation):
+    """The cached plan for x, or None where the general path must run (other dtypes or
+    strides, empty input, unhashable arguments; errors are raised there)."""
+    key = (x.shape, x.strides, x.dtype, type(num_groups), num_groups, type(eps), eps,
+           activation)
+    try:
+        plan = _NUMPY_PLANS.get(key)
+    except TypeError:  # e.g. a 0-d array as num_groups
+        return None
+    if plan is not None or _NUMPY_NAMES.get(x.dtype) is None or x.ndim < 2 or x.size == 0:
+        return plan
+    channels_last = is_channels_last(x)
+    if not (channels_last or x.flags.c_contiguous):
+        return None
+    N, C = x.shape[:2]
+    G = _checks.check_num_groups(num_groups, C)
+    S = math.prod(x.shape[2:])
+    nd = x.ndim
+    plan = _NumpyPlan(
+        G, _checks.check_eps(eps), activations.code(_checks.check_activation(activation)),
+        channels_last, N, C,
+        (N,) + x.shape[2:] + (C,) if channels_last else x.shape,
+        (N, S, C) if channels_last else (N, C, S),
+        (0, nd - 1) + tuple(range(1, nd - 1)) if channels_last else None,
+        _checks.accumulation_dtype(_NUMPY_NAMES[x.dtype]))
+    if len(_NUMPY_PLANS) >= 256:  # bounded against a sweep over many shapes
+        _NUMPY_PLANS.clear()
+    _NUMPY_PLANS[key] = plan
+    return plan
+
+
+def _plain(p, x: np.ndarray, C: int) -> bool:
+    """A parameter the kernels take as it is: None, or a contiguous (C,) NumPy array of
+    x's dtype (anything else goes through the general path's checks)."""
+    return p is None or (type(p) is np.ndarray and p.dtype == x.dtype and p.shape == (C,)
+                         and p.flags.c_contiguous)
+
+
+def _numpy_forward(x: np.ndarray, plan: _NumpyPlan, weight, bias, stats: bool):
+    if weight is None:
+        weight = cpu.default_param(plan.C, x.dtype, 1.0)
+    if bias is None:
+        bias = cpu.default_param(plan.C, x.dtype, 0.0)
+    y = _arrays.empty(plan.mem_shape, x.dtype)
+    x3 = (x.transpose(_memory_axes(x.ndim)) if plan.channels_last else x).reshape(plan.mem3)
+    mean, rstd = cpu.forward(x3, plan.G, weight, bias, plan.eps, plan.act,
+                             y.reshape(plan.mem3), plan.channels_last)
+    if plan.channels_last:
+        y = y.transpose(plan.to_logical)
+    if not stats:
+        return y, None, None
+    return y, mean.astype(plan.acc, copy=False), rstd.astype(plan.acc, copy=False)
+
+
+def _memory_axes(nd: int) -> tuple:
+    """Axes from (N, C, *spatial) to memory order (N, *spatial, C)."""
+    return (0,) + tuple(range(2, nd)) + (1,)
 
 
 def _out(out, x, dtype, kind, channels_last, params):

@@ -308,3 +308,28 @@ def test_float16_from_an_unknown_dlpack_producer():
     y = gnnumba.group_norm(_DLPackOnly(t), 2)
     assert type(y) is np.ndarray and y.dtype == np.float16
     assert np.array_equal(y, gnnumba.group_norm(t, 2).numpy())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_numpy_fast_path_matches_the_general_path(layout):
+    """A plain NumPy call takes a cached plan (api._numpy_plan); the same call through the
+    general path (``out=``) gives the same bits, and changing num_groups, eps or the
+    activation between calls on one shape is never served a stale plan."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 12, 5, 7)).astype(np.float32) * 3 + 40
+    if layout == "channels_last":
+        x = np.moveaxis(np.moveaxis(x, 1, -1).copy(), -1, 1)
+    w = rng.random(12).astype(np.float32) + 0.5
+    b = rng.standard_normal(12).astype(np.float32)
+    for G, eps, act in ((3, 1e-5, None), (4, 1e-5, None), (4, 0.5, None), (4, 0.5, "gelu"),
+                        (12, 1e-5, "relu")):
+        fast, mean, rstd = gnnumba.group_norm_forward(x, G, w, b, eps, activation=act)
+        general = np.empty_like(x)
+        gnnumba.group_norm(x, G, w, b, eps, activation=act, out=general)
+        assert fast.strides == x.strides and mean.dtype == rstd.dtype == np.float32
+        np.testing.assert_array_equal(fast, general)
+        y_ref, _, rstd_ref = reference.forward(x, G, w, b, eps, act)
+        np.testing.assert_allclose(fast, y_ref, atol=2e-5 * max(1.0, np.abs(y_ref).max()))
+        np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="num_groups"):
+        gnnumba.group_norm(x, 5, w, b)  # a cached shape still validates a new G

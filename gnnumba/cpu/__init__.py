@@ -61,6 +61,13 @@ _BWD = {"serial": _nchw.bwd_serial, "fused": _nchw.bwd_fused, "split": _nchw.bwd
 _SUMS = {"serial": _nchw.sums_serial, "fused": _nchw.sums_fused, "split": _nchw.sums_split}
 
 
+@functools.lru_cache(maxsize=None)
+def _compute(storage: np.dtype) -> tuple:
+    """(compute dtype, 1 in it) for a storage dtype; cached (a few dtypes; called per call)."""
+    cdt = compute_dtype(storage)
+    return cdt, cdt.type(1)
+
+
 def _dims(x3, channels_last):
     if channels_last:
         N, S, C = x3.shape
@@ -79,9 +86,8 @@ def forward(x3, num_groups, weight, bias, eps, act, y3, channels_last, path=None
     G = num_groups
     mean = np.empty((N, G))
     rstd = np.empty((N, G))
-    cdt = compute_dtype(x3.dtype)
+    cdt, one = _compute(x3.dtype)
     coef = np.empty((N, 3, C), dtype=cdt)
-    one = cdt.type(1)
     act = int(act)
     if channels_last:
         kernel = _cl.fwd_serial if run_serially(x3.size) else _cl.fwd
