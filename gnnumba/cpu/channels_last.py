@@ -18,7 +18,7 @@ from .activation import NONE, derivative, forward
 from .compile import kernel
 from .stats import merge, rstd_of, set_coefs, set_dx_coefs
 from .storage import FOLD_LANES as LANES
-from .storage import add_lane_deviations, cast, load, stack_zeros, store
+from .storage import add_channel_sums, add_lane_deviations, cast, load, stack_zeros, store
 
 
 @njit(inline="always")
@@ -190,30 +190,43 @@ def fwd_serial(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
 @njit(inline="always")
 def _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs, p):
     """Per-channel partial sum(dz) and sum(dz*(x - mean)) of one block, into p[n, k],
-    dz = dy * act'(z) (not stored). The task forms its sample's coefficients itself in its
-    (1, 3, C) rows ``cs`` (C values: less than a parallel region of their own costs)."""
+    dz = dy * act'(z) (not stored), each channel's positions added in order in float64.
+    Without an activation a tile of LANES channels at a time, its accumulators in vector
+    registers (``storage.add_channel_sums``; the same bits). The task forms its sample's
+    coefficients itself in its (1, 3, C) rows ``cs`` (C values: less than a parallel region
+    of their own costs)."""
     n = t // nb
     k = t - n * nb
     G = mean.shape[1]
-    Cg = cs.shape[2] // G
+    C = cs.shape[2]
+    Cg = C // G
     for g in range(G):
         set_coefs(cs, 0, g, Cg, mean[n, g], rstd[n, g], w, b)
     s0 = k * sb
+    s1 = min(s0 + sb, x3.shape[1])
     a1 = p[n, k, 0]
     a2 = p[n, k, 1]
-    a1[:] = 0.0
-    a2[:] = 0.0
     za = cs[0, 0]
     zc = cs[0, 1]
     m = cs[0, 2]
-    for s in range(s0, min(s0 + sb, x3.shape[1])):
+    if act == NONE:
+        for c0 in range(0, C, LANES):
+            acc1 = carray(stack_zeros(LANES, 0.0), (LANES,))
+            acc2 = carray(stack_zeros(LANES, 0.0), (LANES,))
+            for s in range(s0, s1):
+                add_channel_sums(acc1, acc2, dy3[n, s], x3[n, s], c0, m, c0, C - c0)
+            for j in range(min(LANES, C - c0)):
+                a1[c0 + j] = acc1[j]
+                a2[c0 + j] = acc2[j]
+        return
+    a1[:] = 0.0
+    a2[:] = 0.0
+    for s in range(s0, s1):
         xr = x3[n, s]
         gr = dy3[n, s]
         for c in range(xr.shape[0]):
             d = load(xr, c) - m[c]
-            v = load(gr, c)
-            if act != NONE:
-                v = v * derivative(act, d * za[c] + zc[c], one)
+            v = load(gr, c) * derivative(act, d * za[c] + zc[c], one)
             a1[c] += v
             a2[c] += v * d
 

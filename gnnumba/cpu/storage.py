@@ -341,3 +341,41 @@ def add_lane_deviations(typingctx, acc1, acc2, xr, i, mr, j, count):
         return context.get_dummy_value()
 
     return types.none(acc1, acc2, xr, i, mr, j, count), codegen
+
+
+@intrinsic
+def add_channel_sums(typingctx, acc1, acc2, dyr, xr, i, mr, j, count):
+    """acc1 += dy, acc2 += dy * (x - m) with x, dy elements i + l and m[j + l], lane l <
+    count (the others unchanged, their elements not read); the products in x's compute
+    dtype, the accumulators float64 (the order of the scalar loop it replaces: each
+    channel's sums add its positions one by one, in float64). One position of a
+    channels-last block, a tile of FOLD_LANES channels."""
+    if not _contiguous_1d(acc1, acc2, dyr, xr, mr):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a1t, a2t, gt, xt, _it, mt = sig.args[:6]
+        ct = context.get_data_type(mt.dtype)
+        at = context.get_data_type(a1t.dtype)
+        vty = ir.VectorType(ct, FOLD_LANES)
+        aty = ir.VectorType(at, FOLD_LANES)
+        mask = _mask(builder, args[7])
+        g = _load_lanes(builder, context, gt, args[2], args[4], mask)
+        x = _load_lanes(builder, context, xt, args[3], args[4], mask)
+        m = _load_lanes(builder, context, mt, args[5], args[6], mask)
+        zero = ir.Constant(vty, None)
+        g = builder.select(mask, g, zero)
+        gd = builder.select(mask, builder.fmul(g, builder.fsub(x, m)), zero)
+        if ct != at:
+            g = builder.fpext(g, aty)
+            gd = builder.fpext(gd, aty)
+        p1 = builder.bitcast(context.make_array(a1t)(context, builder, args[0]).data,
+                             aty.as_pointer())
+        p2 = builder.bitcast(context.make_array(a2t)(context, builder, args[1]).data,
+                             aty.as_pointer())
+        align = context.get_abi_sizeof(at)
+        builder.store(builder.fadd(builder.load(p1, align=align), g), p1, align=align)
+        builder.store(builder.fadd(builder.load(p2, align=align), gd), p2, align=align)
+        return context.get_dummy_value()
+
+    return types.none(acc1, acc2, dyr, xr, i, mr, j, count), codegen
