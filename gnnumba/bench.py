@@ -603,8 +603,8 @@ def run(problems: list[P.Problem], settings: Settings, *, peer_names=None, progr
             "settings": settings.__dict__, "noise": noise, "results": results,
             "method": "interleaved round-robin samples, median of per-call time; bytes: "
                       "forward 2x, backward 3x, forward+backward 5x, per-sample grads 2x "
-                      "x.nbytes; copy = np.copyto of the same byte count into a preallocated "
-                      "array, same run; copy+alloc = the same into a new array; noise checks: "
+                      "x.nbytes; copy = a copy of the same byte count into a preallocated array "
+                      "on the kernels' threads, same run; copy+alloc = the same into a new array; noise checks: "
                       f"spread (IQR/2) <= {SPREAD_LIMIT}, median <= {MIN_RATIO_LIMIT}x best "
                       f"sample, calibration copy within {DRIFT_LIMIT:.0%} of its run median"}
 

@@ -59,8 +59,8 @@ def table(report: dict) -> str:
         "(of Opacus' GroupNorm sampler for per-sample grads) / time of X; *GB/s* counts the "
         "bytes the operation must move (forward: read x, write y; backward: read x and dy, "
         "write dx; per-sample grads: read x and dy) for the kernel alone (`gnnumba out=` where "
-        "timed); *of copy* compares it with `np.copyto` of the same byte count timed in the "
-        "same run."
+        "timed); *of copy* compares it with a copy of the same byte count on the kernels' "
+        "threads (the memory roofline), timed in the same run."
     )
     noise = report.get("noise")
     if noise and noise.get("reasons"):
