@@ -344,11 +344,11 @@ def test_every_activation_forward_backward_per_sample(small, act, cl):
 @pytest.mark.parametrize("path, shape, G, cl, expected", [
     ("fused", (2, 4, 3, 5), 2, False, dict(forward=1, backward=3, per_sample=2)),
     ("split", (2, 6, 5, 7), 3, False, dict(forward=2, backward=3, per_sample=2)),
-    ("channels_last", (2, 6, 4, 5), 3, True, dict(forward=3, backward=3, per_sample=2)),
+    ("channels_last", (2, 6, 4, 5), 3, True, dict(forward=2, backward=3, per_sample=2)),
 ])
 def test_launch_counts(small, monkeypatch, path, shape, G, cl, expected):
-    """Forward: 1 launch for a group in one block's registers, else 2 (NCHW) or 3
-    (channels-last); backward 3 (sums, merge, dx with the parameter sums); per-sample
+    """Forward: 1 launch for a group in one block's registers, else 2 (statistics, then
+    apply with the partials' merge in its prologue) in both layouts; backward 3 (sums, merge, dx with the parameter sums); per-sample
     gradients 2 (no dx)."""
     if SIM and path == "fused":
         monkeypatch.setattr(config, "FUSED_ITEMS", 64)

@@ -12,9 +12,9 @@ Forward (``mean``/``rstd``/``y``):
   group keeps the group in registers (exact two-pass mean/M2), then applies. One read of x,
   one write of y, one launch.
 * otherwise ``fwd_stats_nchw`` / ``fwd_stats_cl`` (partial (count, mean, M2) per block) ->
-  NCHW: ``fwd_apply_nchw``, each block merging its group's partials itself (two launches);
-  channels-last: ``fwd_finalize`` (one block per group merges its partials in a fixed
-  order; a channel tile holds several groups) -> ``fwd_apply_cl`` (three launches).
+  ``fwd_apply_nchw`` / ``fwd_apply_cl``, each block first merging the partials of the
+  group(s) it touches itself, in a fixed order (every block of a group gets the same bits;
+  one of them writes mean/rstd): two launches, two passes over x, no grid-wide barrier.
 
 Backward and per-sample parameter gradients share their sums (x and dy read once for them):
 
@@ -93,6 +93,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
     KF = fused_items
     F = flush
     acc = numba.float32 if acc_name == "float32" else numba.float64
+    W = min(32, T)  # lanes that merge one group's partials (group_stats)
     ACT = act
 
     # ------------------------------------------------------------------ device helpers
@@ -143,6 +144,61 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
             cuda.syncthreads()
             stride //= 2
         return s_n[0], s_m[0], s_q[0]
+
+    @_device
+    def group_stats(x, part, n, S, C, G, nsp, tpg, TC, eps, writer, mean, rstd, s_mu, s_r,
+                    s_n, s_m, s_q):
+        """Channels-last: mean and rstd of every group that channel tile blockIdx.y touches,
+        into s_mu[gi], s_r[gi] (gi = group - first group of the tile), from fwd_stats_cl's
+        partials. Each group is merged by a team of W = 32 lanes (partial i by lane i % W, in
+        order, then a fixed tree over the lanes): the same bits in every block that needs the
+        group, whichever team slot it lands in. ``writer``: this block writes mean/rstd of
+        the groups whose first channel is in its tile."""
+        tid = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+        nthreads = cuda.blockDim.x * cuda.blockDim.y
+        lane = tid % W
+        team = tid // W
+        Cg = C // G
+        c0 = cuda.blockIdx.y * TC
+        g0 = c0 // Cg
+        ngr = (min(C, c0 + TC) - 1) // Cg - g0 + 1  # groups in this tile
+        for r0 in range(0, ngr, nthreads // W):  # uniform trip count: barriers inside
+            gi = r0 + team
+            g = g0 + gi
+            ng = n * G + g
+            cnt = acc(0)
+            mu = acc(0)
+            m2 = acc(0)
+            if gi < ngr:
+                span = ((g + 1) * Cg - 1) // TC - (g * Cg) // TC + 1
+                for i in range(lane, nsp * span, W):
+                    kk = i // span
+                    o = (ng * nsp * tpg + kk * tpg + i - kk * span) * 3
+                    cnt, mu, m2 = merge(cnt, mu, m2, part[o], part[o + 1], part[o + 2])
+            cuda.syncthreads()  # the previous round's results have been read
+            s_n[tid] = cnt
+            s_m[tid] = mu
+            s_q[tid] = m2
+            cuda.syncthreads()
+            stride = W // 2
+            while stride > 0:
+                if lane < stride:
+                    nn, mm, qq = merge(s_n[tid], s_m[tid], s_q[tid], s_n[tid + stride],
+                                       s_m[tid + stride], s_q[tid + stride])
+                    s_n[tid] = nn
+                    s_m[tid] = mm
+                    s_q[tid] = qq
+                cuda.syncthreads()
+                stride //= 2
+            if lane == 0 and gi < ngr:
+                mg = s_m[tid] + acc(x[n * S * C + g * Cg])  # the shift of fwd_stats_cl
+                rg = acc(1) / math.sqrt(s_q[tid] / s_n[tid] + eps)
+                s_mu[gi] = mg
+                s_r[gi] = rg
+                if writer and g * Cg >= c0:  # the group's first channel is in this tile
+                    mean[ng] = mg
+                    rstd[ng] = rg
+        cuda.syncthreads()
 
     @_device
     def block_sum2(tid, nthreads, a, b, s_a, s_b):
@@ -238,7 +294,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         [k*chunk, (k+1)*chunk) of group ng, written to part[ng, k, :]. Values are taken
         relative to the group's first element kg: the partials' means are then small
         numbers whose float32 rounding is relative to the spread of the data, not to its
-        offset (fwd_finalize adds kg back once)."""
+        offset (the apply kernel adds kg back once)."""
         s_n = cuda.shared.array(T, acc)
         s_m = cuda.shared.array(T, acc)
         s_q = cuda.shared.array(T, acc)
@@ -376,37 +432,11 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
                 part[o + 2] = pq
 
     @cuda.jit
-    def fwd_finalize(part, x, stride_n, nsb, tpg, G, Cg, TC, eps, mean, rstd):
-        """grid (N*G,), block (T,). Merges the partials of group ng in a fixed order: slot
-        kk*tpg + j of chunk kk and the j-th channel tile the group spans (NCHW: tpg = 1,
-        Cg = TC = 1, one partial per chunk), and adds back the shift, the group's first
-        element x[n*stride_n + g*Cg*stride_g] (NCHW: stride_n = G*D, Cg*stride_g = D; CL:
-        stride_n = S*C, stride_g = 1)."""
-        s_n = cuda.shared.array(T, acc)
-        s_m = cuda.shared.array(T, acc)
-        s_q = cuda.shared.array(T, acc)
-        tid = cuda.threadIdx.x
-        ng = cuda.blockIdx.x
-        g = ng % G
-        span = ((g + 1) * Cg - 1) // TC - (g * Cg) // TC + 1
-        cnt = acc(0)
-        mu = acc(0)
-        m2 = acc(0)
-        for i in range(tid, nsb * span, T):
-            kk = i // span
-            o = (ng * nsb * tpg + kk * tpg + i - kk * span) * 3
-            cnt, mu, m2 = merge(cnt, mu, m2, part[o], part[o + 1], part[o + 2])
-        cnt, mu, m2 = block_merge(tid, T, cnt, mu, m2, s_n, s_m, s_q)
-        if tid == 0:
-            mean[ng] = acc(x[(ng // G) * stride_n + g * Cg]) + mu
-            rstd[ng] = acc(1) / math.sqrt(m2 / cnt + eps)
-
-    @cuda.jit
     def fwd_apply_nchw(x, part, L, D, C, G, S, colchunk, eps, mean, rstd, w, b, has_w, has_b,
                        y):
         """grid (N*C, ceil(S/colchunk)), block (<= T,). One (n, c) row slice per block. The
-        block first merges the L partials of its group (as fwd_finalize, so every block of
-        the group gets the same bits; the first block of the group writes mean/rstd): no
+        block first merges the L partials of its group (same loop and tree in every block of
+        the group, so each gets the same bits; the first block of the group writes mean/rstd): no
         separate merge launch. Then whole tiles of K values per thread (loads first, no
         bounds checks), then the tail."""
         s_n = cuda.shared.array(T, acc)
@@ -448,20 +478,35 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
             yb[U(i)] = activate((acc(xb[U(i)]) - mu) * a + sh)
 
     @cuda.jit
-    def fwd_apply_cl(x, S, C, G, spos, nsb, mean, rstd, w, b, has_w, has_b, y):
-        """grid (N*nsb, ceil(C/TC)), block (TC, TS). Thread owns one channel; whole tiles
-        of K positions (stride TS), then the tail."""
+    def fwd_apply_cl(x, part, S, C, G, spos, nsb, nsp, tpg, eps, mean, rstd, w, b, has_w,
+                     has_b, y):
+        """grid (N*nsb, ceil(C/TC)), block (TC, TS). Prologue: the block merges the
+        partials of every group its channel tile touches (``group_stats``; the block that
+        holds a group's first channel at spatial block 0 writes mean/rstd): no separate
+        merge launch. Then each thread owns one channel: whole tiles of K positions
+        (stride TS), then the tail. ``nsp`` is the statistics grid's spatial blocks (the
+        partials' layout), ``nsb`` this grid's."""
+        s_n = cuda.shared.array(T, acc)
+        s_m = cuda.shared.array(T, acc)
+        s_q = cuda.shared.array(T, acc)
+        s_mu = cuda.shared.array(T, acc)  # per group of the tile: mean, rstd
+        s_r = cuda.shared.array(T, acc)
         v = cuda.local.array(K, acc)
         TC = cuda.blockDim.x
         TS = cuda.blockDim.y
         bx = cuda.blockIdx.x
         n = bx // nsb
         kk = bx - n * nsb
-        c = cuda.blockIdx.y * TC + cuda.threadIdx.x
+        Cg = C // G
+        c0 = cuda.blockIdx.y * TC
+        g0 = c0 // Cg
+        group_stats(x, part, n, S, C, G, nsp, tpg, TC, eps, kk == 0, mean, rstd, s_mu, s_r,
+                    s_n, s_m, s_q)
+        c = c0 + cuda.threadIdx.x
         if c < C:
-            ng = n * G + c // (C // G)
-            mu = acc(mean[ng])
-            a, sh = coefficients(acc(rstd[ng]), w, b, has_w, has_b, c)
+            gi = c // Cg - g0
+            mu = s_mu[gi]
+            a, sh = coefficients(s_r[gi], w, b, has_w, has_b, c)
             m = min(spos, S - kk * spos)  # positions of this block
             o0 = (n * S + kk * spos) * C + c
             xb = x[o0:o0 + (m - 1) * C + 1]  # position s of the channel at s*C
@@ -756,7 +801,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
                               and k in KERNELS})
 
 
-KERNELS = ("fwd_fused_nchw", "fwd_stats_nchw", "fwd_stats_cl", "fwd_finalize", "fwd_apply_nchw",
+KERNELS = ("fwd_fused_nchw", "fwd_stats_nchw", "fwd_stats_cl", "fwd_apply_nchw",
            "fwd_apply_cl", "fill_stats", "bwd_sums_nchw", "bwd_sums_cl", "bwd_finalize",
            "bwd_dx_nchw", "bwd_dx_cl", "strided_copy")
 
@@ -796,9 +841,8 @@ def signatures(dtype_name: str, out_name: str | None = None):
         "fwd_fused_nchw": (v, i, i, i, i, f, v, v, bo, bo, v, st, st),
         "fwd_stats_nchw": (v, i, i, i, st),
         "fwd_stats_cl": (v, i, i, i, i, i, i, st),
-        "fwd_finalize": (st, v, i, i, i, i, i, i, f, st, st),
         "fwd_apply_nchw": (v, st, i, i, i, i, i, i, f, st, st, v, v, bo, bo, v),
-        "fwd_apply_cl": (v, i, i, i, i, i, st, st, v, v, bo, bo, v),
+        "fwd_apply_cl": (v, st, i, i, i, i, i, i, i, f, st, st, v, v, bo, bo, v),
         "fill_stats": (st, st, f),
         "bwd_sums_nchw": (v, v, i, i, i, i, st, st, v, v, bo, bo, st),
         "bwd_sums_cl": (v, v, i, i, i, i, i, st, st, v, v, bo, bo, st),

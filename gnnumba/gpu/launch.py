@@ -358,10 +358,14 @@ def forward_plan(N, C, S, G, layout, sms, cfg, K):
             N * G * nchunks * 3
     TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, K, K, target)
     tpg = _tiles_per_group(C, G, TC)
-    TCa, TSa, sposa, nsba, ncta = _cl_plan(N, S, C, T, K, config.APPLY_ITEMS)
+    # Every apply block merges the nsb*tpg partials of each group of its tile first, so it
+    # gets at least as many positions as a statistics block (the tile is the same: _tile_c
+    # depends on C and T only): the merge is amortised over as many elements.
+    _, _, sposa, _, _ = _cl_plan(N, S, C, T, K, config.APPLY_ITEMS)
+    sposa = max(sposa, spos)
+    nsba = _cdiv(S, sposa)
     return [("fwd_stats_cl", (N * nsb, nct), (TC, TS), (S, C, G, spos, nsb, tpg)),
-            ("fwd_finalize", N * G, T, (S * C, nsb, tpg, G, Cg, TC)),
-            ("fwd_apply_cl", (N * nsba, ncta), (TCa, TSa), (S, C, G, sposa, nsba))], \
+            ("fwd_apply_cl", (N * nsba, nct), (TC, TS), (S, C, G, sposa, nsba, nsb, tpg))], \
         N * G * nsb * tpg * 3
 
 
@@ -521,8 +525,8 @@ def launch_forward(x, G, weight, bias, eps, activation, y, mean, rstd, stream=0)
     - ``stream``: 0/None (default stream), a raw ``CUstream`` int (torch:
       ``torch.cuda.current_stream().cuda_stream``), a torch stream or a Numba stream.
 
-    NCHW: one launch (groups that fit one block's registers) or two (statistics, apply);
-    channels-last: three (statistics, merge, apply). Only the partial-statistics workspace is
+    One launch (NCHW groups that fit one block's registers) or two (statistics, then apply
+    with the partials' merge in its prologue), in both layouts. Only the partial-statistics workspace is
     allocated here (``workspace_allocator``).
     """
     xa = check_x(x)
@@ -569,12 +573,8 @@ def _forward(xa, G, wa, ba, eps, activation, ya, ma, ra, st):
             args = (x, *dims, e, w, b, hw, hb, y, mean, rstd)
         elif name.startswith("fwd_stats"):
             args = (x, *dims, part)
-        elif name == "fwd_finalize":
-            args = (part, x, *dims, e, mean, rstd)
-        elif name == "fwd_apply_nchw":  # merges the partials itself
+        else:  # fwd_apply_*: merges the partials itself
             args = (x, part, *dims, e, mean, rstd, w, b, hw, hb, y)
-        else:
-            args = (x, *dims, mean, rstd, w, b, hw, hb, y)
         _launch(ks, name, grid, block, st, *args)
 
 
