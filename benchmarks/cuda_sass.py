@@ -179,13 +179,94 @@ def _figures(body, itemsize, inputs):
     return fig
 
 
-def analyse(spec, cc: int) -> dict:
-    from numba import cuda
+def link(codes, cc: int, tmp: str, lto=False):
+    """(cubin path, ptxas -v text) of the kernel linked with the CUDA C++ shims it calls
+    (numba-cuda's bfloat16 conversions are ``__nv_bfloat16`` constructors compiled by NVRTC)
+    through nvJitLink; ``lto``: LTO-IR inputs, as numba-cuda links them at load time when
+    nvJitLink is installed (its default), so the shims are inlined before the SASS is
+    counted (PTX inputs would keep them as calls)."""
+    from cuda.bindings import nvjitlink
 
-    ptx, _ = cuda.compile_ptx(spec["pyfunc"], spec["sig"], cc=(cc // 10, cc % 10),
-                              launch_bounds=spec.get("launch_bounds"))
+    opts = [f"-arch=sm_{cc}", "-verbose"] + (["-lto"] if lto else [])
+    kind = nvjitlink.InputType.LTOIR if lto else nvjitlink.InputType.PTX
+    h = nvjitlink.create(len(opts), opts)
+    try:
+        for i, code in enumerate(codes):
+            code = getattr(code, "data", code)  # numba's LinkableCode wrappers
+            data = code.encode() if isinstance(code, str) else bytes(code)
+            nvjitlink.add_data(h, kind, data, len(data), f"m{i}")
+        try:
+            nvjitlink.complete(h)
+        except nvjitlink.nvJitLinkError as e:
+            log = bytearray(nvjitlink.get_error_log_size(h))
+            nvjitlink.get_error_log(h, log)
+            raise RuntimeError(f"{e}: {log.decode(errors='replace')}") from None
+        info = bytearray(nvjitlink.get_info_log_size(h))
+        nvjitlink.get_info_log(h, info)
+        cubin = bytearray(nvjitlink.get_linked_cubin_size(h))
+        nvjitlink.get_linked_cubin(h, cubin)
+    finally:
+        nvjitlink.destroy(h)
+    path = os.path.join(tmp, "k.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    return path, info.decode(errors="replace")
+
+
+def _nvrtc_ptx(src, name, cc, ltoir=False, lineinfo=False, debug=False):
+    """PTX of a CUDA C++ shim through NVRTC's own bindings, with the include paths and
+    options of ``numba.cuda.cudadrv.nvrtc.compile``: that one goes through cuda.core, which
+    asks the driver's version (absent on a machine without a GPU) before compiling."""
+    from cuda import pathfinder
+    from cuda.bindings import nvrtc
+    from numba.cuda.cuda_paths import get_cuda_paths
+    from numba.cuda.cudadrv import nvrtc as nb_nvrtc
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(nb_nvrtc.__file__)))
+    includes = [os.path.join(root, "include", str(nvrtc.nvrtcVersion()[1])),
+                get_cuda_paths()["include_dir"].info, os.path.join(root, "memory_management")]
+    cccl = pathfinder.locate_nvidia_header_directory("cccl")
+    if cccl is not None:
+        includes.append(cccl.abs_path)
+    if isinstance(src, str):
+        src = src.encode()
+    err, prog = nvrtc.nvrtcCreateProgram(src, name.encode(), 0, [], [])
+    opts = [f"-arch=sm_{cc[0]}{cc[1]}".encode(), b"-rdc=true"]
+    opts += [f"-I{d}".encode() for d in includes]
+    if ltoir:
+        opts.append(b"-dlto")
+    err, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        raise RuntimeError(f"NVRTC: {log.decode(errors='replace')}")
+    get_size, get = ((nvrtc.nvrtcGetLTOIRSize, nvrtc.nvrtcGetLTOIR) if ltoir
+                     else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX))
+    _, size = get_size(prog)
+    out = b" " * size
+    get(prog, out)
+    nvrtc.nvrtcDestroyProgram(prog)
+    return (out if ltoir else out.rstrip(b"\0 ")), ""
+
+
+def analyse(spec, cc: int) -> dict:
+    from unittest import mock
+
+    from numba.cuda import compiler
+
+    def compile_all(output):
+        with mock.patch.object(compiler.nvrtc, "compile", _nvrtc_ptx):
+            return compiler.compile_all(spec["pyfunc"], spec["sig"], device=False,
+                                        abi="numba", cc=(cc // 10, cc % 10), output=output,
+                                        launch_bounds=spec.get("launch_bounds"))[0]
+
+    codes = compile_all("ptx")
     with tempfile.TemporaryDirectory() as tmp:
-        cubin, text = assemble(ptx, cc, tmp)
+        if len(codes) == 1:
+            cubin, text = assemble(codes[0], cc, tmp)
+        else:  # calls into CUDA C++ shims (bfloat16): link-time optimised, as numba-cuda
+            cubin, text = link(compile_all("ltoir"), cc, tmp, lto=True)
         res = resources(text)
         insts, labels = disassemble(cubin)
     res["occupancy"] = occupancy(cc, res["registers"], res["smem"], spec["threads"])
@@ -229,29 +310,21 @@ def _kernel_time(row, elems, itemsize, grid_threads, hw=H100):
     return max(nbytes / bw, elems * lp["inst_per_elem"] / hw["issue"])
 
 
-def predict(rows, kind, N, C, S, G, layout, dtype, act=None, old_backward=False):
+def predict(rows, kind, N, C, S, G, layout, dtype, act=None, before=False):
     """Predicted seconds, fraction of the copy bandwidth (ideal bytes / time / copy_bw) and
     launches of one forward or backward call, from the SASS rows (``analyse``) of its
-    kernels. ``old_backward``: the code before this rework (a fourth backward launch for the
-    parameter sums, blocks of at least 8192 elements)."""
+    kernels. ``before``: the plan of the code before round 4 (channels-last forward: a
+    separate ``fwd_finalize`` launch between statistics and apply)."""
     from gnnumba.gpu import config, launch
 
-    saved = config.MIN_BLOCK_ELEMS
-    if old_backward:  # the geometry before: blocks of at least 8192 elements
-        config.MIN_BLOCK_ELEMS = 8192
-    try:
-        K = config.ITEMS * (2 if dtype == "float16" and not old_backward else 1)
-        plan = (launch.forward_plan if kind == "forward" else launch.backward_plan)(
-            N, C, S, G, layout, H100["sms"], launch._config_key(), K)[0]
-    finally:
-        config.MIN_BLOCK_ELEMS = saved
+    K = config.ITEMS * (2 if dtype in ("float16", "bfloat16") else 1)
+    plan = (launch.forward_plan if kind == "forward" else launch.backward_plan)(
+        N, C, S, G, layout, H100["sms"], launch._config_key(), K)[0]
     by = {(r["kernel"], r["dtype"], r["cc"]): r for r in rows}
     itemsize = 8 if dtype == "float64" else 4 if dtype == "float32" else 2
     t = 0.0
     steps = [(st[0], st[1], st[2]) for st in plan]
-    if old_backward and kind == "backward":  # before: the parameter sums, a fourth launch
-        steps.append(("bwd_params", 1, 1))
-    if old_backward and steps[0][0] == "fwd_stats_nchw":  # before: a merge launch too
+    if before and steps[0][0] == "fwd_stats_cl":
         steps.insert(1, ("fwd_finalize", N * G, 256))
     for name, grid, block in steps:
         row = by.get((f"{name}-{act}" if act else name, dtype, 90)) or by.get((name, dtype, 90))
@@ -277,7 +350,7 @@ def prediction_table(after, before=None):
                             cells.append(f"{'-':>17s}")
                             continue
                         t, frac, n = predict(rows, kind, N, C, H * H, 32, layout, dtype,
-                                             old_backward=old)
+                                             before=old)
                         cells.append(f"{frac:5.0%} ({n}) {t * 1e6:6.1f}us")
                 lines.append(f"{N}x{C}x{H}x{H}".ljust(16) + f" {dtype:8s} {layout:6s} "
                              + " ".join(cells))
@@ -298,10 +371,10 @@ def _specs(dtypes, only, acts):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cc", type=int, nargs="+", default=[80, 90])
-    ap.add_argument("--dtype", nargs="+", default=["float16", "float32", "float64"],
-                    help="bfloat16 compiles to PTX but its conversions are calls into "
-                    "numba-cuda's bfloat16 shim, linked at load time: ptxas alone cannot "
-                    "assemble it, so it is not in the default list")
+    ap.add_argument("--dtype", nargs="+",
+                    default=["float16", "bfloat16", "float32", "float64"],
+                    help="bfloat16's conversions are calls into numba-cuda's CUDA C++ shim: "
+                    "its kernels are linked with the shim by nvJitLink (see link)")
     ap.add_argument("--kernel", nargs="*", default=None)
     ap.add_argument("--act", nargs="*", default=None, help="only these activations "
                     "(none, silu, relu, gelu)")
@@ -310,7 +383,7 @@ def main(argv=None):
     ap.add_argument("--from-json", help="skip compiling: predict from a --json file of "
                     "this script (implies --shapes)")
     ap.add_argument("--before-json", help="a --json file of the kernels before a change: "
-                    "its predictions go beside (old backward: 4 launches)")
+                    "its predictions go beside (with the plan before round 4)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":

@@ -129,7 +129,8 @@ def test_half_input_float32_parameter_gradients_compile(layout):
 
 
 # bfloat16 conversions are calls into numba-cuda's bfloat16 shim, linked when the kernel is
-# loaded on a GPU: ptxas alone cannot resolve them, so their resources are not checked here.
+# loaded on a GPU: ptxas alone cannot resolve them, so test_bfloat16_links_inline checks them
+# through benchmarks/cuda_sass.py (NVRTC + nvJitLink with LTO, as numba-cuda links them).
 RESOURCE_SPECS = [s for s in SPECS if s[1] in ("float32", "float64") or
                   (s[1] == "float16" and s[2] in HOT)]
 
@@ -139,6 +140,34 @@ RESOURCE_SPECS = [s for s in SPECS if s[1] in ("float32", "float64") or
 def test_bfloat16_loads_are_16_bit(spec):
     """bfloat16 tensors are read as 16-bit values (no float32 copy of the input)."""
     assert re.search(r"ld\.global(\.nc)?\.(b16|u16)", compile_ptx(spec))
+
+
+def _cuda_sass():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import cuda_sass
+    finally:
+        sys.path.pop(0)
+    if cuda_sass.NVDISASM is None or cuda_sass.PTXAS is None:
+        pytest.skip("nvdisasm (nvidia-cuda-nvdisasm) or ptxas not installed")
+    pytest.importorskip("cuda.bindings.nvjitlink")
+    return cuda_sass
+
+
+@pytest.mark.parametrize("cc, name", [((9, 0), "fwd_apply_nchw"), ((9, 0), "bwd_dx_cl"),
+                                      ((8, 0), "fwd_stats_cl")])
+def test_bfloat16_links_inline(cc, name):
+    """bfloat16 kernels linked with numba-cuda's bfloat16 shim with link-time optimisation
+    (numba-cuda's default when nvJitLink is installed): the conversions are inlined (no
+    CALL in the SASS), no stack, no spills, and the hot loop costs no more instructions per
+    element than float16's (same 16-bit loads, same tile)."""
+    cuda_sass = _cuda_sass()
+    spec = {s["dtype"]: s for s in kernels.sass_specs(("bfloat16", "float16"), [(None, 0)])
+            if s["kernel"] == name}
+    bf, f16 = (cuda_sass.analyse(spec[d], cc[0] * 10 + cc[1]) for d in ("bfloat16", "float16"))
+    assert bf["stack"] == 0 and bf["spills"] == 0, bf
+    assert bf["loop"]["calls"] == 0, bf["loop"]
+    assert bf["loop"]["inst_per_elem"] <= f16["loop"]["inst_per_elem"] * 1.25, (bf, f16)
 
 
 @pytest.mark.skipif(PTXAS is None, reason="ptxas not installed")
