@@ -342,14 +342,15 @@ def test_every_activation_forward_backward_per_sample(small, act, cl):
 
 @device
 @pytest.mark.parametrize("path, shape, G, cl, expected", [
-    ("fused", (2, 4, 3, 5), 2, False, dict(forward=1, backward=3, per_sample=2)),
+    ("fused", (2, 4, 3, 5), 2, False, dict(forward=1, backward=2, per_sample=1)),
     ("split", (2, 6, 5, 7), 3, False, dict(forward=2, backward=3, per_sample=2)),
     ("channels_last", (2, 6, 4, 5), 3, True, dict(forward=2, backward=3, per_sample=2)),
 ])
 def test_launch_counts(small, monkeypatch, path, shape, G, cl, expected):
     """Forward: 1 launch for a group in one block's registers, else 2 (statistics, then
-    apply with the partials' merge in its prologue) in both layouts; backward 3 (sums, merge, dx with the parameter sums); per-sample
-    gradients 2 (no dx)."""
+    apply with the partials' merge in its prologue) in both layouts. Backward: a group on
+    chip, 2 (x and dy read once for sums and dx, then the sums over n), else 3 (sums,
+    merge, dx with the parameter sums); per-sample gradients 1 or 2 (no dx)."""
     if SIM and path == "fused":
         monkeypatch.setattr(config, "FUSED_ITEMS", 64)
     names = []
@@ -379,6 +380,47 @@ def test_launch_counts(small, monkeypatch, path, shape, G, cl, expected):
     counts["per_sample"] = len(names)
     assert counts == expected, names
     assert not any(n.startswith("bwd_dx") for n in names)  # per-sample: no dx pass
+
+
+def _check_backward(x, dy, w, b, G, act, cl=False, tol=1e-4):
+    xd, dyd, wd, bd = _dev(x, cl), _dev(dy, cl), _dev(w), _dev(b)
+    y, m, r = gc.group_norm_forward(xd, G, wd, bd, 1e-5, activation=act)
+    dx, dw, db = gc.group_norm_backward(dyd, xd, m, r, G, wd, bd, activation=act)
+    dwn, dbn = gc.per_sample_param_grads(dyd, xd, m, r, G, wd, bd, activation=act)
+    dxr, dwr, dbr, dwnr, dbnr = selftest.reference_backward(dy, x, G, w, b, 1e-5, act)
+    for got, want in [(dx, dxr), (dw, dwr), (db, dbr), (dwn, dwnr), (dbn, dbnr)]:
+        assert _rel_err(got, want) <= tol
+    return dx, dw, db, dwn, dbn
+
+
+@device
+@pytest.mark.parametrize("act", list(activations.CODES), ids=str)
+def test_on_chip_backward(small, act):
+    """NCHW groups that fit one block take bwd_fused_nchw (x and dy read once): 8 channels
+    per group summed by 4 teams of 8 lanes in 2 rounds, rows shorter than a team (S = 6),
+    against the float64 reference, bit-identical on a repeat."""
+    x, dy, w, b = _case((2, 8, 2, 3), np.float32, seed=9)
+    if SIM:
+        steps, _ = launch.backward_plan(2, 8, 6, 1, launch.NCHW, launch.sm_count(),
+                                        launch._config_key(), launch.items(np.float32))
+        assert [s[0] for s in steps] == ["bwd_fused_nchw", "bwd_params"]
+        assert steps[0][3][-1] == 8  # team width
+    first = _check_backward(x, dy, w, b, 1, act)
+    again = _check_backward(x, dy, w, b, 1, act)
+    for a, a2 in zip(first, again):
+        assert np.array_equal(_host(a), _host(a2))
+
+
+@device
+@pytest.mark.parametrize("offset, scale", [(-2e4, 1.0), (7.0, 0.0)], ids=["offset", "constant"])
+def test_on_chip_backward_long_rows(small, monkeypatch, offset, scale):
+    """Rows longer than the block (S = 40 > 32 threads) on chip, with a large offset, and a
+    constant group (dx then is rstd*w*dz - mean of it: finite, exact per-sample dbias)."""
+    if SIM:
+        monkeypatch.setattr(config, "FUSED_ITEMS", 4)
+    x, dy, w, b = _case((2, 2, 40), np.float32, seed=10, offset=offset, scale=scale)
+    dx, dw, db, dwn, dbn = _check_backward(x, dy, w, b, 1, "silu", tol=2e-4)
+    assert np.all(np.isfinite(_host(dx)))
 
 
 @device

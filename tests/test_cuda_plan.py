@@ -35,6 +35,20 @@ def test_backward_is_three_launches(layout):
     assert [s[0] for s in steps] == [f"bwd_sums_{layout}", "bwd_finalize", f"bwd_dx_{layout}"]
 
 
+@pytest.mark.parametrize("C, H, teams", [(1280, 8, 8), (640, 8, 8), (64, 32, 2)])
+def test_backward_on_chip_where_a_group_fits(C, H, teams):
+    """NCHW groups of at most THREADS*FUSED_ITEMS elements (2x1280x8x8: 40 x 64 = 2560):
+    one pass over x and dy and one over dx (bwd_fused_nchw), then the sums over n; the
+    channels of a group are summed by up to 8 teams of 32 lanes. float64 (on_chip=False)
+    and channels-last take the split path."""
+    steps, nparts = launch.backward_plan(2, C, H * H, 32, "nchw", 132, CFG, 4)
+    assert [s[0] for s in steps] == ["bwd_fused_nchw", "bwd_params"] and nparts == 0
+    assert steps[0][3][-1] == config.THREADS // teams
+    for layout, on_chip in (("nchw", False), ("cl", True)):
+        steps, _ = launch.backward_plan(2, C, H * H, 32, layout, 132, CFG, 4, on_chip)
+        assert steps[0][0] == f"bwd_sums_{layout}"
+
+
 @pytest.mark.parametrize("shape, layout", [((2, 1280, 16, 16), "nchw"),
                                            ((8, 1280, 8, 8), "cl")])
 def test_statistics_grid_fills_an_h100(shape, layout):

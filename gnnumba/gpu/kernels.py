@@ -16,7 +16,12 @@ Forward (``mean``/``rstd``/``y``):
   group(s) it touches itself, in a fixed order (every block of a group gets the same bits;
   one of them writes mean/rstd): two launches, two passes over x, no grid-wide barrier.
 
-Backward and per-sample parameter gradients share their sums (x and dy read once for them):
+Backward and per-sample parameter gradients share their sums (x and dy read once for them).
+NCHW groups of at most THREADS*FUSED_ITEMS elements (float32 accumulation): ``bwd_fused_nchw``,
+one block per group, reads x and dy once into shared memory, forms the per-channel sums, the
+per-sample gradients and the dx coefficients on chip and writes dx once; ``bwd_params`` then
+sums the per-sample gradients over n (two launches, three passes; per-sample gradients: one
+launch, no dx). Otherwise:
 
 1. ``bwd_sums_nchw`` / ``bwd_sums_cl`` -- per (n, c) and spatial chunk, partial sums of dz and
    dz*(x - mean), with dz = dy * act'(z) and z recomputed from x, mean, rstd, weight, bias.
@@ -94,6 +99,9 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
     F = flush
     acc = numba.float32 if acc_name == "float32" else numba.float64
     W = min(32, T)  # lanes that merge one group's partials (group_stats)
+    # on-chip backward: a group's x - mean and dz in shared memory (float32 only: 2 x 16 KiB
+    # at the defaults; float64 groups take the split path)
+    SB = T * KF if acc_name == "float32" else 1
     ACT = act
 
     # ------------------------------------------------------------------ device helpers
@@ -535,6 +543,106 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
     # ------------------------------------------------------------------ backward
 
     @cuda.jit
+    def bwd_fused_nchw(dy, x, D, S, Cg, G, TW, mean, rstd, w, b, has_w, has_b, want_dx, dx,
+                       dweight_n, dbias_n):
+        """grid (N*G,), block (T,). NCHW group of at most T*KF elements, on chip: x and dy
+        are read once (all loads of a thread first), x - mean and dz kept in shared memory;
+        teams of TW threads (a power of two) sum each channel's dz and dz*(x - mean) (lane
+        order, then a fixed tree), giving dweight/dbias_per_sample; the block sums them into
+        the dx coefficients (fixed tree) and, if ``want_dx``, writes dx once. Float32
+        accumulation only (float64 groups would not fit in shared memory)."""
+        s_xc = cuda.shared.array(SB, acc)
+        s_dz = cuda.shared.array(SB, acc)
+        s_a = cuda.shared.array(T, acc)
+        s_b = cuda.shared.array(T, acc)
+        vx = cuda.local.array(KF, acc)
+        vd = cuda.local.array(KF, acc)
+        tid = cuda.threadIdx.x
+        ng = cuda.blockIdx.x
+        n = ng // G
+        g = ng - n * G
+        C = G * Cg
+        mu = acc(mean[ng])
+        r = acc(rstd[ng])
+        xb = x[ng * D:ng * D + D]
+        db = dy[ng * D:ng * D + D]
+        for j in range(KF):  # all loads first
+            i = j * T + tid
+            if i < D:
+                vx[j] = acc(xb[U(i)])
+                vd[j] = acc(db[U(i)])
+        cc = tid // S  # channel (within the group) and position of element j*T + tid
+        so = tid - cc * S
+        dc = T // S
+        ds = T - dc * S
+        for j in range(KF):
+            i = j * T + tid
+            if i < D:
+                c = g * Cg + cc
+                a, sh = coefficients(r, w, b, has_w, has_b, c)
+                xc = vx[j] - mu
+                s_xc[i] = xc
+                s_dz[i] = grad_pre(vd[j], xc * a + sh)
+            so += ds
+            cc += dc
+            if so >= S:
+                so -= S
+                cc += 1
+        cuda.syncthreads()  # the group is in shared memory
+        nteams = T // TW
+        team = tid // TW
+        lane = tid - team * TW
+        A = acc(0)  # lane 0 of each team: its channels' sums, in channel order
+        B = acc(0)
+        for c0 in range(0, Cg, nteams):  # uniform trip count: barriers inside
+            k = c0 + team
+            t1 = acc(0)
+            t2 = acc(0)
+            if k < Cg:
+                for sp in range(lane, S, TW):
+                    dz = s_dz[k * S + sp]
+                    t1 += dz
+                    t2 += dz * s_xc[k * S + sp]
+            cuda.syncthreads()
+            s_a[tid] = t1
+            s_b[tid] = t2
+            cuda.syncthreads()
+            stride = TW // 2
+            while stride > 0:
+                if lane < stride:
+                    s_a[tid] += s_a[tid + stride]
+                    s_b[tid] += s_b[tid + stride]
+                cuda.syncthreads()
+                stride //= 2
+            if lane == 0 and k < Cg:
+                c = g * Cg + k
+                t1 = s_a[tid]
+                t2 = s_b[tid] * r
+                dbias_n[n * C + c] = t1
+                dweight_n[n * C + c] = t2
+                wc = acc(w[c]) if has_w else acc(1)
+                A += wc * t1
+                B += wc * t2
+        A, B = block_sum2(tid, T, A, B, s_a, s_b)
+        if want_dx:
+            M = acc(D)
+            q1 = -r * r * B / M
+            q0 = -r * A / M
+            ob = dx[ng * D:ng * D + D]
+            cc = tid // S
+            so = tid - cc * S
+            for j in range(KF):
+                i = j * T + tid
+                if i < D:
+                    rw = r * acc(w[g * Cg + cc]) if has_w else r
+                    ob[U(i)] = rw * s_dz[i] + q1 * s_xc[i] + q0
+                so += ds
+                cc += dc
+                if so >= S:
+                    so -= S
+                    cc += 1
+
+    @cuda.jit
     def bwd_sums_nchw(dy, x, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, p):
         """grid (N*C, ncol), block (<= T,). p[row, k, 0] = sum dz, p[row, k, 1] =
         sum dz*(x - mean) over columns [k*colchunk, (k+1)*colchunk) of row (n, c)."""
@@ -691,6 +799,12 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
                 dbias[c] = t2
 
     @cuda.jit
+    def bwd_params(N, C, dweight_n, dbias_n, dweight, dbias, want_w, want_b):
+        """grid (ceil(C/T),), block (T,). dweight/dbias from the per-sample gradients
+        (``param_sums``), after ``bwd_fused_nchw``."""
+        param_sums(N, C, dweight_n, dbias_n, dweight, dbias, want_w, want_b)
+
+    @cuda.jit
     def bwd_dx_nchw(dy, x, N, C, G, S, colchunk, mean, rstd, w, b, has_w, has_b, coef, dx,
                     dweight_n, dbias_n, dweight, dbias, want_w, want_b):
         """grid (N*C, ncol), block (<= T,). dx = rstd*w*dz + k1*(x - mean) + k0, and
@@ -802,16 +916,18 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
 
 
 KERNELS = ("fwd_fused_nchw", "fwd_stats_nchw", "fwd_stats_cl", "fwd_apply_nchw",
-           "fwd_apply_cl", "fill_stats", "bwd_sums_nchw", "bwd_sums_cl", "bwd_finalize",
-           "bwd_dx_nchw", "bwd_dx_cl", "strided_copy")
+           "fwd_apply_cl", "fill_stats", "bwd_fused_nchw", "bwd_sums_nchw", "bwd_sums_cl",
+           "bwd_finalize", "bwd_params", "bwd_dx_nchw", "bwd_dx_cl", "strided_copy")
 
 # kernels whose code depends on the activation (the others are built once per dtype)
-ACT_KERNELS = ("fwd_fused_nchw", "fwd_apply_nchw", "fwd_apply_cl", "bwd_sums_nchw",
+ACT_KERNELS = ("fwd_fused_nchw", "fwd_apply_nchw", "fwd_apply_cl", "bwd_fused_nchw",
+               "bwd_sums_nchw",
                "bwd_sums_cl", "bwd_dx_nchw", "bwd_dx_cl")
 
 # the kernels that stream the tensor, and how many tensors each streams in (for SASS figures)
 STREAMED_INPUTS = {"fwd_fused_nchw": 1, "fwd_stats_nchw": 1, "fwd_stats_cl": 1,
-                   "fwd_apply_nchw": 1, "fwd_apply_cl": 1, "bwd_sums_nchw": 2,
+                   "fwd_apply_nchw": 1, "fwd_apply_cl": 1, "bwd_fused_nchw": 2,
+                   "bwd_sums_nchw": 2,
                    "bwd_sums_cl": 2, "bwd_dx_nchw": 2, "bwd_dx_cl": 2}
 
 
@@ -844,6 +960,8 @@ def signatures(dtype_name: str, out_name: str | None = None):
         "fwd_apply_nchw": (v, st, i, i, i, i, i, i, f, st, st, v, v, bo, bo, v),
         "fwd_apply_cl": (v, st, i, i, i, i, i, i, i, f, st, st, v, v, bo, bo, v),
         "fill_stats": (st, st, f),
+        "bwd_fused_nchw": (v, v, i, i, i, i, i, st, st, v, v, bo, bo, bo, v, st, st),
+        "bwd_params": (i, i, st, st, o, o, bo, bo),
         "bwd_sums_nchw": (v, v, i, i, i, i, st, st, v, v, bo, bo, st),
         "bwd_sums_cl": (v, v, i, i, i, i, i, st, st, v, v, bo, bo, st),
         "bwd_finalize": (st, i, i, i, i, st, v, bo, st, st, st),

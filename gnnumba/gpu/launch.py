@@ -370,11 +370,21 @@ def forward_plan(N, C, S, G, layout, sms, cfg, K):
 
 
 @functools.lru_cache(maxsize=4096)
-def backward_plan(N, C, S, G, layout, sms, cfg, K):
-    """Launches of the sums, finalize and dx kernels and the partials' size (the per-sample
-    gradients take the first two)."""
+def backward_plan(N, C, S, G, layout, sms, cfg, K, on_chip=True):
+    """Launches of the backward and the partials' size. NCHW groups of at most
+    THREADS*FUSED_ITEMS elements (``on_chip``: float32 accumulation): ``bwd_fused_nchw``
+    (sums, per-sample gradients and dx, one block per group) then ``bwd_params`` (the sums
+    over n; skipped for the per-sample gradients); otherwise sums, finalize, dx (the
+    per-sample gradients take the first two)."""
     T = cfg[0]
     target = config.BLOCKS_PER_SM * sms
+    Cg = C // G
+    if layout == NCHW and on_chip and Cg * S <= T * config.FUSED_ITEMS:
+        teams = 1  # teams of at least 32 lanes (8 for the simulator's small blocks) per channel
+        while teams * 2 <= Cg and T // (teams * 2) >= min(32, T // 4):
+            teams *= 2
+        return [("bwd_fused_nchw", N * G, T, (Cg * S, S, Cg, G, T // teams)),
+                ("bwd_params", _cdiv(C, T), T, (N, C))], 0
     if layout == NCHW:
         bt, colchunk, ncol = _row_plan(S, N * C, T, K, target)
         bta, colchunka, ncola = _row_plan(S, N * C, T, K)
@@ -583,8 +593,10 @@ def _forward(xa, G, wa, ba, eps, activation, ya, ma, ra, st):
 
 def launch_backward(dy, x, mean, rstd, G, weight, bias, activation, dx, dweight_n=None,
                     dbias_n=None, dweight=None, dbias=None, stream=0):
-    """Enqueue GroupNorm backward on ``stream`` and return without synchronising: three
-    launches (sums, per-group merge, dx with the parameter sums).
+    """Enqueue GroupNorm backward on ``stream`` and return without synchronising: NCHW
+    groups that fit one block (float16/bfloat16/float32): one launch that reads x and dy
+    once and writes dx and the per-sample gradients, plus one for dweight/dbias; otherwise
+    three (sums, per-group merge, dx with the parameter sums).
 
     Arguments are CUDA arrays (see ``launch_forward``); ``weight``/``bias`` may be None
     (``bias`` is only read for an activation).
@@ -620,8 +632,8 @@ def launch_backward(dy, x, mean, rstd, G, weight, bias, activation, dx, dweight_
 
 def launch_per_sample_param_grads(dy, x, mean, rstd, G, weight, bias, activation,
                                   dweight_per_sample, dbias_per_sample, stream=0):
-    """Enqueue the per-sample parameter gradients on ``stream``: two launches (sums, per-group
-    merge) that read x and dy once and write no dx. ``dweight_per_sample`` and
+    """Enqueue the per-sample parameter gradients on ``stream``: one launch (NCHW groups that
+    fit one block) or two (sums, per-group merge) that read x and dy once and write no dx. ``dweight_per_sample`` and
     ``dbias_per_sample`` are (N, C) outputs, contiguous, float32 (float64 for float64 x);
     their sums over n are ``launch_backward``'s dweight/dbias. Other arguments as
     ``launch_backward``."""
@@ -697,7 +709,18 @@ def _backward(dya, xa, ma, ra, G, wa, ba, activation, dxa, pw, pb, gw, gb, st):
     b = ba.flat() if ba is not None else x
     hw, hb = wa is not None, ba is not None
     steps, nparts = backward_plan(N, C, S, G, xa.layout, sm_count(), _config_key(),
-                                  items(xa.dtype))
+                                  items(xa.dtype), accd == np.float32)
+    if steps[0][0] == "bwd_fused_nchw":
+        (fused, fgrid, fblock, fdims), (params, pgrid, pblock, pdims) = steps
+        want_dx = dxa is not None
+        _launch(ks, fused, fgrid, fblock, st, dy, x, *fdims, mean, rstd, w, b, hw, hb,
+                want_dx, dxa.flat() if want_dx else x, dwn, dbn)
+        if want_dx and (dwv is not None or dbv is not None):
+            ow = dwv if dwv is not None else dbv
+            ob = dbv if dbv is not None else ow
+            _launch(ks, params, pgrid, pblock, st, *pdims, dwn, dbn, ow, ob, dwv is not None,
+                    dbv is not None)
+        return
     (sums, sgrid, sblock, sdims), (fin, fgrid, fblock, fdims), (dxk, dgrid, dblock, ddims) = \
         steps
     p = device_array(nparts, accd, st)
