@@ -272,6 +272,7 @@ def analyse(spec, cc: int) -> dict:
     res["occupancy"] = occupancy(cc, res["registers"], res["smem"], spec["threads"])
     res["loop"] = hot_loop(insts, labels, spec["itemsize"], spec["inputs"])
     res["total_inst"] = len(insts)
+    res["sass"] = (insts, labels)  # for tests; not written to --json
     return res
 
 
@@ -417,7 +418,7 @@ def main(argv=None):
                 continue
             lp = r["loop"] or {}
             row = dict(kernel=spec["label"], dtype=spec["dtype"], cc=cc, **{k: v for k, v in
-                       r.items() if k != "loop"}, loop=lp)
+                       r.items() if k not in ("loop", "sass")}, loop=lp)
             rows.append(row)
             loop_txt = (f"{lp['inst']:5d} {lp['elem']:5.1f} {lp['inst_per_elem']:9.1f} "
                         f"{lp['ldg']:4d} {lp['ldg_before_store']:8d} {lp['calls']:5d}"

