@@ -270,7 +270,13 @@ def analyse(spec, cc: int) -> dict:
         res = resources(text)
         insts, labels = disassemble(cubin)
     res["occupancy"] = occupancy(cc, res["registers"], res["smem"], spec["threads"])
-    res["loop"] = hot_loop(insts, labels, spec["itemsize"], spec["inputs"])
+    if "_fused_" in spec["kernel"]:  # on chip: the tile loops are unrolled, the whole kernel
+        res["loop"] = _figures([t for _, t in insts], spec["itemsize"], spec["inputs"])
+        if res["loop"]:
+            res["loop"].pop("_bytes")
+            res["loop"]["whole_kernel"] = True
+    else:
+        res["loop"] = hot_loop(insts, labels, spec["itemsize"], spec["inputs"])
     res["total_inst"] = len(insts)
     res["sass"] = (insts, labels)  # for tests; not written to --json
     return res
@@ -291,7 +297,7 @@ H100 = dict(sms=132, copy_bw=3.0e12, latency=700e-9, issue=132 * 4 * 32 * 1.755e
 SD_UNET = [(N, C, H) for N in (2, 8) for C, H in ((320, 64), (640, 32), (1280, 16), (1280, 8))]
 
 # bytes each kernel streams per element, in units of the item size (reads + writes)
-_TRAFFIC = {"fwd_fused_nchw": 2, "fwd_stats_nchw": 1, "fwd_stats_cl": 1, "fwd_apply_nchw": 2,
+_TRAFFIC = {"fwd_fused_nchw": 2, "bwd_fused_nchw": 3, "fwd_stats_nchw": 1, "fwd_stats_cl": 1, "fwd_apply_nchw": 2,
             "fwd_apply_cl": 2, "bwd_sums_nchw": 2, "bwd_sums_cl": 2, "bwd_dx_nchw": 3,
             "bwd_dx_cl": 3}
 
@@ -315,12 +321,15 @@ def predict(rows, kind, N, C, S, G, layout, dtype, act=None, before=False):
     """Predicted seconds, fraction of the copy bandwidth (ideal bytes / time / copy_bw) and
     launches of one forward or backward call, from the SASS rows (``analyse``) of its
     kernels. ``before``: the plan of the code before round 4 (channels-last forward: a
-    separate ``fwd_finalize`` launch between statistics and apply)."""
+    separate ``fwd_finalize`` launch between statistics and apply; no on-chip backward)."""
     from gnnumba.gpu import config, launch
 
     K = config.ITEMS * (2 if dtype in ("float16", "bfloat16") else 1)
-    plan = (launch.forward_plan if kind == "forward" else launch.backward_plan)(
-        N, C, S, G, layout, H100["sms"], launch._config_key(), K)[0]
+    args = (N, C, S, G, layout, H100["sms"], launch._config_key(), K)
+    if kind == "forward":
+        plan = launch.forward_plan(*args)[0]
+    else:  # before round 4 no backward ran on chip
+        plan = launch.backward_plan(*args, on_chip=dtype != "float64" and not before)[0]
     by = {(r["kernel"], r["dtype"], r["cc"]): r for r in rows}
     itemsize = 8 if dtype == "float64" else 4 if dtype == "float32" else 2
     t = 0.0

@@ -109,3 +109,29 @@ def test_numba_bfloat16_arrays_keep_their_dtype():
     assert (flat.shape, flat.dtype) == ((24,), bf16)
     cl = DeviceNDArray((2, 3, 4), (24, 2, 6), bf16, gpu_data=_FakeMemory())  # channels-last
     assert launch.DevArray(cl, "x").layout == launch.CL
+
+
+def test_launcher_cached_and_grid_warning_silenced():
+    """A kernel's configured launcher is built once per (grid, block, stream), and Numba's
+    "grid size < 128 blocks" performance warning, raised when it is built, does not reach
+    the caller (small grids are deliberate here: one block per group on chip)."""
+    import types
+    import warnings
+
+    from numba.core.errors import NumbaPerformanceWarning
+
+    configured, calls = [], []
+
+    class FakeKernel:
+        def __getitem__(self, cfg):
+            configured.append(cfg)
+            warnings.warn("Grid size 4 will likely result in GPU under-utilization",
+                          NumbaPerformanceWarning)
+            return lambda *args: calls.append(args)
+
+    ks = types.SimpleNamespace(k=FakeKernel())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(3):
+            launch._launch(ks, "k", 4, 256, 0, i)
+    assert configured == [(4, 256, 0)] and calls == [(0,), (1,), (2,)]
