@@ -66,8 +66,9 @@ def group_norm_backward(dy, x, mean, rstd, G, weight, bias, *, activation=None):
 def per_sample_param_grads(dy, x, mean, rstd, G, weight=None, bias=None, *, activation=None):
     """``(dweight_per_sample, dbias_per_sample)`` for CUDA arrays, both (N, C), float32
     (float64 for float64 x): the gradients of weight and bias for each sample on its own
-    (``sum dz * xhat`` and ``sum dz`` over the sample's positions of each channel). Two
-    launches that read x and dy once; no dx is formed."""
+    (``sum dz * xhat`` and ``sum dz`` over the sample's positions of each channel). One
+    launch (NCHW groups that fit one block) or two, reading x and dy once; no dx is
+    formed."""
     activation = _checks.check_activation(activation)
     xa = _x_in_fast_layout(x)
     N, C = xa.shape[:2]

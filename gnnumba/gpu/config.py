@@ -24,9 +24,11 @@ ITEMS = 4
 FLUSH = 8
 
 # A group of at most THREADS * FUSED_ITEMS elements (NCHW) is normalised by ONE block that
-# keeps it in registers: x is read once, y written once, one launch ("on-chip" path).
-# Larger groups take the split path: stats (several blocks per group) -> finalize -> apply;
-# its second read of x mostly hits L2 (50 MB on H100) when the tensor fits.
+# keeps it in registers: x is read once, y written once, one launch ("on-chip" path); its
+# backward (float32 accumulation) keeps x - mean and dz in shared memory (2 x 16 KiB at the
+# defaults): x and dy read once, dx written once. Larger groups take the split path:
+# stats (several blocks per group) -> apply (merging the partials first); its second read
+# of x mostly hits L2 (50 MB on H100) when the tensor fits.
 FUSED_ITEMS = 16
 
 # Split path: aim for about BLOCKS_PER_SM blocks per streaming multiprocessor in the
