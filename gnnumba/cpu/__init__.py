@@ -148,11 +148,12 @@ def per_sample_param_grads(dy3, x3, mean, rstd, weight, bias, act, channels_last
     return dweight_ps, dbias_ps
 
 
-def reduce_params(dweight_per_sample, dbias_per_sample):
-    """float64 (dweight, dbias) of shape (C,): the per-sample sums added over N in order."""
+def reduce_params(dweight_per_sample, dbias_per_sample, dtype=np.float64):
+    """(dweight, dbias) of shape (C,): the per-sample sums added over N in order, in float64,
+    and stored in ``dtype`` (float32 rounds once, as converting the float64 sums would)."""
     C = dbias_per_sample.shape[1]
-    dweight = np.empty(C)
-    dbias = np.empty(C)
+    dweight = np.empty(C, dtype)
+    dbias = np.empty(C, dtype)
     _reduce_params(dweight_per_sample, dbias_per_sample, dweight, dbias)
     return dweight, dbias
 

@@ -254,6 +254,77 @@ def _cpu_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
     return dx, _to_torch(dw), _to_torch(db)
 
 
+# --------------------------------------------------------------------------- eager autograd
+# The first-order eager backward (``autograd.EagerFunction``) reuses what its forward already
+# has as NumPy: the input's view, the float64 statistics and the parameters' views. Against
+# converting them again from the saved tensors (``backward_impl``), this saves 5 DLPack
+# exchanges and the plan lookup, and the parameter gradients are summed straight into the
+# parameters' dtype: ~10 us of ~70 us per forward+backward at 1x32x8x8.
+
+
+class CpuSaved(NamedTuple):
+    """What the CPU forward keeps for its backward (NumPy views of the same memory)."""
+    plan: _Plan
+    dtype: torch.dtype      # x's dtype
+    stride: tuple           # strides of the x the kernels read (after a layout copy)
+    x3: np.ndarray
+    mean: np.ndarray        # float64 (N, G)
+    rstd: np.ndarray
+    weight: np.ndarray      # as the kernels take them (``_np_param``)
+    bias: np.ndarray
+
+
+def cpu_forward_saved(x: Tensor, G: int, weight, bias, eps: float,
+                      act: int) -> tuple[Tensor, Optional[CpuSaved]]:
+    """(y, saved) for a CPU tensor; ``saved`` is None for an empty input (the backward then
+    takes ``backward_impl``'s route)."""
+    p = _plan(x, G)
+    if p.copy:
+        x = x.contiguous()
+        p = _plan(x, G)
+    x = x.detach()
+    if p.empty:
+        return empty_like_layout(x, p.cl), None
+    y, y3 = _cpu_out(p, x.dtype)
+    x3 = _np3(x, p)
+    w = _np_param(weight, p, 1.0)
+    b = _np_param(bias, p, 0.0)
+    mean, rstd = cpu.forward(x3, G, w, b, eps, act, y3, p.cl)
+    return y, CpuSaved(p, x.dtype, x.stride(), x3, mean, rstd, w, b)
+
+
+def cpu_saved_stats(s: CpuSaved) -> tuple[Tensor, Tensor]:
+    """The saved statistics as tensors (for the differentiable backward)."""
+    return _to_torch(s.mean), _to_torch(s.rstd)
+
+
+_PARAM_GRAD_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def cpu_backward_saved(dy: Tensor, s: CpuSaved, act: int, weight_dtype, bias_dtype):
+    """(dx, dweight, dbias) from a ``cpu_forward_saved``; dweight/dbias in the given torch
+    dtypes (None: not needed, None returned)."""
+    p = s.plan
+    if dy.requires_grad:
+        dy = dy.detach()
+    if dy.dtype != s.dtype or dy.stride() != s.stride:
+        dy = in_layout(dy.to(s.dtype), p.cl)
+    dx, dx3 = _cpu_out(p, s.dtype)
+    dw_n, db_n = cpu.backward(_np3(dy, p), s.x3, s.mean, s.rstd, s.weight, s.bias, act, dx3,
+                              p.cl)
+    if weight_dtype is None and bias_dtype is None:
+        return dx, None, None
+    wdt, bdt = weight_dtype or bias_dtype, bias_dtype or weight_dtype
+    out = _PARAM_GRAD_DTYPES.get(wdt) if wdt == bdt else None
+    # float32/float64 parameters: summed in float64, rounded once into their dtype (the bits
+    # of converting the float64 sums); others: the float64 sums converted by torch
+    dw, db = cpu.reduce_params(dw_n, db_n, out if out is not None else np.float64)
+    dw, db = _to_torch(dw), _to_torch(db)
+    if out is None:
+        dw, db = dw.to(wdt), db.to(bdt)
+    return dx, dw if weight_dtype is not None else None, db if bias_dtype is not None else None
+
+
 # --------------------------------------------------------------------------- entry points
 
 
