@@ -108,9 +108,8 @@ def backward(dy3, x3, mean, rstd, weight, bias, act, dx3, channels_last, path=No
     G = mean.shape[1]
     dweight_ps = np.empty((N, C))
     dbias_ps = np.empty((N, C))
-    cdt = compute_dtype(x3.dtype)
+    cdt, one = _compute(x3.dtype)
     coef = np.empty((N, 5, C), dtype=cdt)
-    one = cdt.type(1)
     act = int(act)
     if channels_last:
         kernel = _cl.bwd_serial if run_serially(x3.size) else _cl.bwd
@@ -132,9 +131,8 @@ def per_sample_param_grads(dy3, x3, mean, rstd, weight, bias, act, channels_last
     G = mean.shape[1]
     dweight_ps = np.empty((N, C))
     dbias_ps = np.empty((N, C))
-    cdt = compute_dtype(x3.dtype)
+    cdt, one = _compute(x3.dtype)
     coef = np.empty((N, 3, C), dtype=cdt)
-    one = cdt.type(1)
     act = int(act)
     if channels_last:
         kernel = _cl.sums_serial if run_serially(x3.size) else _cl.sums
