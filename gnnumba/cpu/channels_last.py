@@ -18,7 +18,8 @@ from .activation import NONE, derivative, forward
 from .compile import kernel
 from .stats import merge, rstd_of, set_coefs, set_dx_coefs
 from .storage import FOLD_LANES as LANES
-from .storage import add_channel_sums, add_lane_deviations, cast, load, stack_zeros, store
+from .storage import (add_channel_sums, add_lane_deviations, apply_channels, cast, dx_channels,
+                      load, stack_zeros, store)
 
 
 @njit(inline="always")
@@ -142,6 +143,12 @@ def _apply_task(t, x3, y3, sb, nb, coef, one, act):
     sc = coef[n, 0]
     sh = coef[n, 1]
     m = coef[n, 2]
+    C = x3.shape[2]
+    if act == NONE:  # vector IR: the loop below stays scalar (``storage.apply_channels``)
+        for s in range(s0, min(s0 + sb, x3.shape[1])):
+            for c0 in range(0, C, LANES):
+                apply_channels(y3[n, s], x3[n, s], c0, m, sc, sh, C - c0)
+        return
     for s in range(s0, min(s0 + sb, x3.shape[1])):
         xr = x3[n, s]
         yr = y3[n, s]
@@ -299,6 +306,12 @@ def _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3):
     m = coef[n, 2]
     k1 = coef[n, 3]
     k0 = coef[n, 4]
+    C = x3.shape[2]
+    if act == NONE:  # vector IR: the loop below stays scalar (``storage.dx_channels``)
+        for s in range(s0, min(s0 + sb, x3.shape[1])):
+            for c0 in range(0, C, LANES):
+                dx_channels(dx3[n, s], dy3[n, s], x3[n, s], c0, a, m, k1, k0, C - c0)
+        return
     for s in range(s0, min(s0 + sb, x3.shape[1])):
         xr = x3[n, s]
         gr = dy3[n, s]

@@ -421,3 +421,58 @@ def add_channel_sums(typingctx, acc1, acc2, dyr, xr, i, mr, j, count):
         return context.get_dummy_value()
 
     return types.none(acc1, acc2, dyr, xr, i, mr, j, count), codegen
+
+
+@intrinsic
+def apply_channels(typingctx, yr, xr, c0, m, scale, shift, count):
+    """y = (x - m) * scale + shift for channels c0 .. c0 + min(count, FOLD_LANES) - 1 of one
+    channels-last position (``xr``/``yr`` its C elements, the coefficient rows indexed by
+    channel too), in that order and without fused multiply-adds: the bits of the scalar
+    formula. A loop over channels with four coefficient arrays stayed scalar in LLVM."""
+    if not _contiguous_1d(yr, xr, m, scale, shift):
+        return None
+
+    def codegen(context, builder, sig, args):
+        yt, xt, _ct, mt, st, ht = sig.args[:6]
+
+        def body(mask):
+            def lanes(t, a):
+                return _load_lanes(builder, context, t, a, args[2], mask)
+
+            z = builder.fmul(builder.fsub(lanes(xt, args[1]), lanes(mt, args[3])),
+                             lanes(st, args[4]))
+            _store_lanes(builder, context, yt, args[0], args[2],
+                         builder.fadd(z, lanes(ht, args[5])), mask)
+
+        _blocks(builder, args[6], body)
+        return context.get_dummy_value()
+
+    return types.none(yr, xr, c0, m, scale, shift, count), codegen
+
+
+@intrinsic
+def dx_channels(typingctx, dxr, dyr, xr, c0, a, m, k1, k0, count):
+    """dx = a*dy + k1*(x - m) + k0 for channels c0 .. c0 + min(count, FOLD_LANES) - 1 of one
+    channels-last position, coefficients per channel, in that evaluation order and without
+    fused multiply-adds (the scalar formula's bits); the channels-last twin of
+    ``dx_lanes``."""
+    if not _contiguous_1d(dxr, dyr, xr, a, m, k1, k0):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dxt, gt, xt, _ct, at, mt, k1t, k0t = sig.args[:8]
+
+        def body(mask):
+            def lanes(t, v):
+                return _load_lanes(builder, context, t, v, args[3], mask)
+
+            d = builder.fsub(lanes(xt, args[2]), lanes(mt, args[5]))
+            out = builder.fadd(builder.fadd(builder.fmul(lanes(at, args[4]), lanes(gt, args[1])),
+                                            builder.fmul(lanes(k1t, args[6]), d)),
+                               lanes(k0t, args[7]))
+            _store_lanes(builder, context, dxt, args[0], args[3], out, mask)
+
+        _blocks(builder, args[8], body)
+        return context.get_dummy_value()
+
+    return types.none(dxr, dyr, xr, c0, a, m, k1, k0, count), codegen
