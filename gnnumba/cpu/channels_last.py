@@ -19,7 +19,7 @@ from .compile import kernel
 from .stats import merge, rstd_of, set_coefs, set_dx_coefs
 from .storage import FOLD_LANES as LANES
 from .storage import (add_channel_sums, add_lane_deviations, apply_channels, cast, dx_channels,
-                      load, stack_zeros, store)
+                      holds_compute_dtype, load, stack_zeros, store)
 
 
 @njit(inline="always")
@@ -144,10 +144,17 @@ def _apply_task(t, x3, y3, sb, nb, coef, one, act):
     sh = coef[n, 1]
     m = coef[n, 2]
     C = x3.shape[2]
-    if act == NONE:  # vector IR: the loop below stays scalar (``storage.apply_channels``)
+    if act == NONE or holds_compute_dtype(y3):
+        # vector IR (the loop below stays scalar: ``storage.apply_channels``); an activation
+        # then runs over the stored pre-activations, exact in y's dtype, in a loop LLVM
+        # vectorises (one array)
         for s in range(s0, min(s0 + sb, x3.shape[1])):
+            yr = y3[n, s]
             for c0 in range(0, C, LANES):
-                apply_channels(y3[n, s], x3[n, s], c0, m, sc, sh, C - c0)
+                apply_channels(yr, x3[n, s], c0, m, sc, sh, C - c0)
+            if act != NONE:
+                for c in range(C):
+                    yr[c] = forward(act, yr[c], one)
         return
     for s in range(s0, min(s0 + sb, x3.shape[1])):
         xr = x3[n, s]

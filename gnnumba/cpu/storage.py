@@ -93,6 +93,18 @@ def _store_impl(a, i, v):
     return impl
 
 
+def holds_compute_dtype(a):
+    """True when a's elements are stored in the dtype the kernels compute in (float32,
+    float64), False for half-precision bits: storing a value and reading it back is then
+    exact. A compile-time constant."""
+
+
+@overload(holds_compute_dtype, inline="always")
+def _holds_compute_dtype_impl(a):
+    exact = a.dtype not in (types.uint16, types.int16)
+    return lambda a: exact
+
+
 def cast(a, v):
     """v converted to the type the kernels compute in for a's elements (float32 arithmetic
     stays float32 in Numba only when every operand is float32; Python numbers are float64)."""
