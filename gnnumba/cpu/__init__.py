@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import _threading, config
 from . import channels_last as _cl
+from . import pool
 from . import nchw as _nchw
 from .stats import reduce_params as _reduce_params
 from .storage import HALF_BITS, compute_dtype
@@ -172,17 +173,15 @@ def default_param(C: int, dtype, value: float) -> np.ndarray:
 
 
 def empty(shape, dtype) -> np.ndarray:
-    """``np.empty`` whose pages are already mapped, for kernel outputs.
-
-    A fresh large array is mapped lazily, page by page, on first write. When the threads of a
-    parallel kernel take those page faults together, they sometimes collapse on this kind of
-    VM: at (8, 256, 64, 64) backward measured 4.5 ms at the median but 24-56 ms at the
-    75th-90th percentile, and in ``gnnumba bench`` the allocating forward swung by +-118%.
-    Touching one element per page first, on the calling thread (as ``np.empty`` followed by
-    a copy does), costs about 1 ms per 32 MiB and made the same runs stable (+-4%). Arrays
-    under ``config.CPU_PREFAULT_MIN_BYTES`` come from memory the allocator keeps mapped and
-    are left alone."""
-    a = np.empty(shape, dtype)
-    if a.nbytes >= config.CPU_PREFAULT_MIN_BYTES:
-        a.reshape(-1)[:: max(1, 4096 // a.itemsize)] = 0
-    return a
+    """An uninitialised array for a kernel output, from ``pool``: large outputs reuse freed
+    buffers whose pages are already mapped (a fresh large block pays a page fault per 4 KiB
+    on first write, and its memory goes back to the kernel when freed)."""
+    dtype = np.dtype(dtype)
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    if n < config.CPU_POOL_MIN_BYTES:
+        return np.empty(shape, dtype)
+    return pool.empty(n).view(dtype).reshape(shape)

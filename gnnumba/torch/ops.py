@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _arrays, _checks, config, cpu
+from .. import _arrays, _checks, cpu
 from . import ops_cuda
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -118,7 +118,6 @@ class _Plan(NamedTuple):
     mem_shape: tuple    # output shape in memory order
     mem3: tuple         # the kernels' 3-D view of it: (N, C, S) or (N, S, C)
     empty: bool         # no elements
-    small: bool         # output below cpu.empty's pre-faulting size: plain np.empty
     param_dtype: torch.dtype  # torch dtype of the compute dtype (parameters taken as they are)
     bits: Optional[torch.dtype]  # half types: the integer dtype their bits are viewed as
     to_logical: Optional[tuple]  # channels-last: axes from memory order to (N, C, *spatial)
@@ -149,7 +148,6 @@ def _plan(x: Tensor, G: int) -> _Plan:
             copy=not (contiguous or cl), cl=cl, N=N, C=C, S=S, storage=storage,
             compute=compute, mem_shape=mem_shape(shape, cl),
             mem3=(N, S, C) if cl else (N, C, S), empty=N * C * S == 0,
-            small=N * C * S * storage.itemsize < config.CPU_PREFAULT_MIN_BYTES,
             param_dtype=_TORCH_OF[compute], bits=_BITS_VIEW.get(x.dtype),
             to_logical=(0, nd - 1) + tuple(range(1, nd - 1)) if cl else None,
             to_memory=(0,) + tuple(range(2, nd)) + (1,) if cl else None)
@@ -178,11 +176,11 @@ def _np3(t: Tensor, p: _Plan) -> np.ndarray:
 def _cpu_out(p: _Plan, dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
     """(output tensor in the plan's layout, the kernels' 3-D view of it).
 
-    Allocated by NumPy (``cpu.empty``) and handed to torch (``_to_torch``): NumPy asks for
-    transparent huge pages on large arrays and torch's CPU allocator does not, so a fresh
-    torch tensor pays one page fault per 4 KiB on first touch (at 8x256x64x64 float32,
-    torch.empty_like + fill measured 28 ms against 6.5 ms through NumPy)."""
-    a = np.empty(p.mem_shape, p.storage) if p.small else cpu.empty(p.mem_shape, p.storage)
+    From the kernels' output pool (``cpu.empty``, reused buffers with their pages mapped)
+    and handed to torch (``_to_torch``): a fresh torch tensor pays one page fault per 4 KiB
+    on first touch (at 8x256x64x64 float32, torch.empty_like + fill measured 28 ms against
+    6.5 ms)."""
+    a = cpu.empty(p.mem_shape, p.storage)
     a3 = a.reshape(p.mem3)
     t = _to_torch(a.transpose(p.to_logical) if p.cl else a)
     return (t.view(dtype) if p.bits is not None else t), a3
