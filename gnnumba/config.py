@@ -28,6 +28,9 @@ CPU_FUSED_MAX_BYTES = 512 * 1024
 # load a parallel region waits for a core another process holds.
 CPU_SERIAL_MAX_ELEMENTS = 32768
 CPU_FUSED_MIN_TASKS_PER_THREAD = 4
+# Channels-last: one task per sample in one parallel region ("fused") up to this many bytes
+# per sample (x, and dy in the backward); larger samples are spread block by block ("split").
+CPU_CL_FUSED_MAX_BYTES = 64 << 20
 
 # Kernel outputs (gnnumba.cpu.pool): from this size up, freed output buffers are kept and
 # reused (their pages stay mapped); at most this many bytes of free buffers are kept.

@@ -55,11 +55,28 @@ def choose_path(x_size: int, num_groups_total: int, group_bytes: int) -> str:
     return "split"
 
 
+def choose_cl_path(x_size: int, N: int, sample_bytes: int) -> str:
+    """Channels-last path: "serial" (see ``run_serially``); "fused", one task per sample in
+    one parallel region, when the batch splits evenly over the threads; else "split", the
+    blocks of every sample spread over the threads in three regions (statistics, merges,
+    apply). All three give bit-identical results."""
+    if run_serially(x_size):
+        return "serial"
+    threads = numba.get_num_threads()
+    if (N % threads == 0 or N >= config.CPU_FUSED_MIN_TASKS_PER_THREAD * threads) and \
+            sample_bytes <= config.CPU_CL_FUSED_MAX_BYTES:
+        return "fused"
+    return "split"
+
+
 # --------------------------------------------------------------------------- kernels
 
 _FWD = {"serial": _nchw.fwd_serial, "fused": _nchw.fwd_fused, "split": _nchw.fwd_split}
 _BWD = {"serial": _nchw.bwd_serial, "fused": _nchw.bwd_fused, "split": _nchw.bwd_split}
 _SUMS = {"serial": _nchw.sums_serial, "fused": _nchw.sums_fused, "split": _nchw.sums_split}
+_CL_FWD = {"serial": _cl.fwd_serial, "fused": _cl.fwd_fused, "split": _cl.fwd}
+_CL_BWD = {"serial": _cl.bwd_serial, "fused": _cl.bwd_fused, "split": _cl.bwd}
+_CL_SUMS = {"serial": _cl.sums_serial, "fused": _cl.sums_fused, "split": _cl.sums}
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,8 +108,9 @@ def forward(x3, num_groups, weight, bias, eps, act, y3, channels_last, path=None
     coef = np.empty((N, 3, C), dtype=cdt)
     act = int(act)
     if channels_last:
-        kernel = _cl.fwd_serial if run_serially(x3.size) else _cl.fwd
-        kernel(x3, weight, bias, eps, act, one, config.CPU_CL_BLOCK, y3, mean, rstd, coef)
+        if path is None:
+            path = choose_cl_path(x3.size, N, S * C * x3.itemsize)
+        _CL_FWD[path](x3, weight, bias, eps, act, one, config.CPU_CL_BLOCK, y3, mean, rstd, coef)
         return mean, rstd
     D = (C // G) * S
     x2 = x3.reshape(N * G, D)
@@ -113,8 +131,9 @@ def backward(dy3, x3, mean, rstd, weight, bias, act, dx3, channels_last, path=No
     coef = np.empty((N, 5, C), dtype=cdt)
     act = int(act)
     if channels_last:
-        kernel = _cl.bwd_serial if run_serially(x3.size) else _cl.bwd
-        kernel(dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dx3,
+        if path is None:
+            path = choose_cl_path(x3.size, N, 2 * S * C * x3.itemsize)
+        _CL_BWD[path](dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dx3,
                dweight_ps, dbias_ps, coef)
         return dweight_ps, dbias_ps
     if path is None:
@@ -136,8 +155,9 @@ def per_sample_param_grads(dy3, x3, mean, rstd, weight, bias, act, channels_last
     coef = np.empty((N, 3, C), dtype=cdt)
     act = int(act)
     if channels_last:
-        kernel = _cl.sums_serial if run_serially(x3.size) else _cl.sums
-        kernel(dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dweight_ps,
+        if path is None:
+            path = choose_cl_path(x3.size, N, 2 * S * C * x3.itemsize)
+        _CL_SUMS[path](dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dweight_ps,
                dbias_ps, coef)
         return dweight_ps, dbias_ps
     if path is None:

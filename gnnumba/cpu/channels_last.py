@@ -180,6 +180,27 @@ def fwd(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
         _apply_task(t, x3, y3, sb, nb, coef, one, act)
 
 
+@kernel(parallel=True)
+def fwd_fused(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
+    """``fwd`` with one task per sample (its blocks' statistics, its groups' merges, then its
+    apply) in one parallel region instead of three: the same task bodies, the same bits.
+    For batches that split evenly over the threads (``choose_path``)."""
+    N, S, C = x3.shape
+    G = mean.shape[1]
+    sb, nb = blocking(S, C, block)
+    pm = np.empty((N, nb, G))
+    pq = np.empty((N, nb, G))
+    scratch = np.empty((N * nb, 4, C), dtype=coef.dtype)
+    scratch64 = np.empty((N * nb, 2, C))
+    for n in prange(N):
+        for t in range(n * nb, (n + 1) * nb):
+            _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch, scratch64)
+        for ng in range(n * G, (n + 1) * G):
+            _merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
+        for t in range(n * nb, (n + 1) * nb):
+            _apply_task(t, x3, y3, sb, nb, coef, one, act)
+
+
 @kernel()
 def fwd_serial(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
     """``fwd`` on the calling thread (small inputs)."""
@@ -276,6 +297,21 @@ def sums(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef)
         _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
 
 
+@kernel(parallel=True)
+def sums_fused(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef):
+    """``sums`` with one task per sample in one parallel region (same bits)."""
+    N, S, C = x3.shape
+    G = mean.shape[1]
+    sb, nb = blocking(S, C, block)
+    p = np.empty((N, nb, 2, C))
+    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
+    for n in prange(N):
+        for t in range(n * nb, (n + 1) * nb):
+            _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs[t], p)
+        for ng in range(n * G, (n + 1) * G):
+            _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
+
+
 @kernel()
 def sums_serial(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef):
     N, S, C = x3.shape
@@ -344,6 +380,24 @@ def bwd(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbias_ps, c
         _dx_coef_task(ng, mean, rstd, w, b, S, dweight_ps, dbias_ps, coef)
     for t in prange(N * nb):
         _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3)
+
+
+@kernel(parallel=True)
+def bwd_fused(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbias_ps, coef):
+    """``bwd`` with one task per sample in one parallel region (same bits)."""
+    N, S, C = x3.shape
+    G = mean.shape[1]
+    sb, nb = blocking(S, C, block)
+    p = np.empty((N, nb, 2, C))
+    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
+    for n in prange(N):
+        for t in range(n * nb, (n + 1) * nb):
+            _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs[t], p)
+        for ng in range(n * G, (n + 1) * G):
+            _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
+            _dx_coef_task(ng, mean, rstd, w, b, S, dweight_ps, dbias_ps, coef)
+        for t in range(n * nb, (n + 1) * nb):
+            _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3)
 
 
 @kernel()
