@@ -83,8 +83,8 @@ interquartile range of those samples, as a fraction of the median (their spread;
 operation must move (forward 2x, backward 3x, forward+backward 5x, per-sample grads 2x the
 input) / median; of copy = that bandwidth as a fraction of a same-size copy into a
 preallocated array on all of the kernels' threads, timed in the same rounds (the memory
-roofline); copy+alloc = the same
-copy into a newly allocated array (what returning a fresh output costs on top)."""
+roofline); copy+alloc = the same copy into a newly allocated np.empty array (what a fresh
+output costs on top; gnnumba's outputs reuse freed buffers, see gnnumba.cpu.pool)."""
 
 
 # --------------------------------------------------------------------------- problems
@@ -163,7 +163,7 @@ def _alloc_copy_contender(p: P.Problem) -> Contender:
     src = np.ones(p.numel * p.itemsize // 2, dtype=np.uint16)
 
     def run():
-        dst = cpu.empty(src.shape, src.dtype)
+        dst = np.empty_like(src)  # fresh memory, as a library without a buffer pool gets
         parallel_copy(src, dst)
         return dst
 

@@ -62,6 +62,9 @@ SHAPES = [
     Case("odd sizes", (3, 9, 7, 11), 3),
     Case("G=32 default", (2, 64, 4, 4), 32),
     Case("large groups, N=1 (several chunks, split path)", (1, 4, 45, 47), 2),
+    # the CPU kernels read 64-lane blocks: whole blocks by plain loads, the tail masked
+    Case("rows of whole 64-lane blocks and a tail (S = 135)", (2, 4, 9, 15), 2),
+    Case("channel tiles of 64 and a tail (C = 130)", (1, 130, 3, 5), 2),
 ]
 
 # ``gnnumba check``: each backend against the reference on these (every layout, activation
@@ -93,6 +96,9 @@ CHECK_HALF = [
     Case("bfloat16", (2, 8, 5, 7), 4, dtype="bfloat16"),
     Case("float16 channels-last", (2, 16, 5, 6), 4, layout="channels_last", dtype="float16"),
     Case("bfloat16 + relu", (2, 8, 6, 6), 4, activation="relu", dtype="bfloat16"),
+    Case("bfloat16, whole 64-lane blocks", (2, 4, 9, 15), 2, dtype="bfloat16"),
+    Case("float16 channels-last, whole 64-channel tiles", (1, 130, 3, 5), 2,
+         layout="channels_last", dtype="float16"),
 ]
 
 # Numba's CUDA simulator runs a thread at a time: a few small shapes, each for one reason

@@ -28,9 +28,15 @@ CPU_FUSED_MAX_BYTES = 512 * 1024
 # load a parallel region waits for a core another process holds.
 CPU_SERIAL_MAX_ELEMENTS = 32768
 CPU_FUSED_MIN_TASKS_PER_THREAD = 4
+# Channels-last: one task per sample in one parallel region ("fused") up to this many bytes
+# per sample (x, and dy in the backward); larger samples are spread block by block ("split").
+CPU_CL_FUSED_MAX_BYTES = 64 << 20
 
-# Outputs of at least this many bytes have their pages mapped before a parallel kernel writes
-# them (see gnnumba.cpu.empty). glibc serves smaller blocks, once one of their size has been
-# freed, from memory it keeps mapped (its mmap threshold adapts up to 32 MiB), so touching
-# their pages only cost time: 35 us at 2x320x64x64 float32 (10 MiB), 12% of the forward.
+# Kernel outputs (gnnumba.cpu.pool): from this size up, freed output buffers are kept and
+# reused (their pages stay mapped); at most this many bytes of free buffers are kept.
+CPU_POOL_MIN_BYTES = 256 << 10
+CPU_POOL_MAX_FREE_BYTES = 512 << 20
+# A new output buffer of at least this many bytes has its pages mapped, on the calling thread,
+# before a parallel kernel writes it (see gnnumba.cpu.pool._new); smaller ones are left to
+# fault in: touching them cost 35 us at 2x320x64x64 float32 (10 MiB), 12% of the forward.
 CPU_PREFAULT_MIN_BYTES = 32 << 20

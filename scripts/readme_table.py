@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 # Columns, left to right; a contender that no problem has is left out.
@@ -28,6 +29,47 @@ def _t(s: float) -> str:
     if s < 1e-3:
         return f"{s * 1e6:.0f} µs" if s >= 1e-4 else f"{s * 1e6:.1f} µs"
     return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _geomean(values) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def _speedups(rows, contender):
+    return [r["contenders"][contender]["speedup_vs_torch"] for r in rows
+            if contender in r["contenders"]
+            and r["contenders"][contender]["speedup_vs_torch"] is not None]
+
+
+def standing(report: dict) -> str:
+    """Where gnnumba stands against torch in this run, as geometric means of its ratios over
+    the `models` rows (by mode and layout) and the DRAM rows: the README's summary, computed
+    here so that it is never typed in."""
+    from gnnumba.cases import SHAPE_SETS  # noqa: PLC0415 (scripts/ run from the checkout)
+
+    sets = {name: {c.label for c in SHAPE_SETS[name]} for name in ("models", "dram")}
+    rows = [r for r in report["results"] if r["mode"] != "per_sample_grads"]
+    parts = []
+    for contender, name in (("gnnumba.torch", "through `gnnumba.torch`"),
+                            ("gnnumba", "through the NumPy API")):
+        models = [r for r in rows if r["label"] in sets["models"]]
+        all_ = _speedups(models, contender)
+        if not all_:
+            continue
+        groups = []
+        for mode in ("forward", "forward+backward"):
+            for layout in ("nchw", "channels_last"):
+                v = _speedups([r for r in models if r["mode"] == mode
+                               and r["layout"] == layout], contender)
+                if v:
+                    groups.append(f"{layout.replace('_', '-')} {mode} {_geomean(v):.2f}×")
+        at_par = sum(v >= 0.95 for v in all_)
+        dram = _speedups([r for r in rows if r["label"] in sets["dram"]], contender)
+        parts.append(f"{name}: {_geomean(all_):.2f}× over the {len(all_)} model rows ("
+                     + ", ".join(groups) + f"; {at_par} rows at 0.95× or better)"
+                     + (f", {min(dram):.2f}–{max(dram):.2f}× on the DRAM rows" if dram else ""))
+    return ("Geometric means of the ratio to torch in this run, " + "; ".join(parts) + "."
+            if parts else "")
 
 
 def table(report: dict) -> str:
@@ -66,7 +108,8 @@ def table(report: dict) -> str:
     if noise and noise.get("reasons"):
         notes += (" **This run was noisy** (" + "; ".join(noise["reasons"]) + "): rows marked "
                   "? did not pass the noise checks.")
-    return notes + "\n\n" + "\n".join(lines) + "\n"
+    summary = standing(report)
+    return notes + ("\n\n" + summary if summary else "") + "\n\n" + "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

@@ -2,11 +2,12 @@ import pytest
 
 
 PATHS = {
-    # config overrides that force one NCHW path (all three must give bit-identical results)
+    # config overrides that force one path, NCHW and channels-last (all three must give
+    # bit-identical results)
     "serial": dict(CPU_SERIAL_MAX_ELEMENTS=1 << 62),
     "fused": dict(CPU_SERIAL_MAX_ELEMENTS=0, CPU_FUSED_MIN_TASKS_PER_THREAD=0,
-                  CPU_FUSED_MAX_BYTES=1 << 62),
-    "split": dict(CPU_SERIAL_MAX_ELEMENTS=0, CPU_FUSED_MAX_BYTES=-1),
+                  CPU_FUSED_MAX_BYTES=1 << 62, CPU_CL_FUSED_MAX_BYTES=1 << 62),
+    "split": dict(CPU_SERIAL_MAX_ELEMENTS=0, CPU_FUSED_MAX_BYTES=-1, CPU_CL_FUSED_MAX_BYTES=-1),
 }
 
 

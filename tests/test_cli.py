@@ -341,3 +341,21 @@ def test_readme_table_reports_a_bad_file(tmp_path, capsys):
     bad.write_text("{}")
     assert _readme_table().main([str(bad)]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_readme_standing_is_computed_from_the_rows():
+    """The README's summary of where gnnumba stands is the geometric mean of the model rows'
+    ratios, by mode and layout, never typed in."""
+    def row(label, mode, layout, torch_ratio, numpy_ratio):
+        return {"label": label, "mode": mode, "layout": layout,
+                "contenders": {"gnnumba.torch": {"speedup_vs_torch": torch_ratio},
+                               "gnnumba": {"speedup_vs_torch": numpy_ratio}}}
+
+    report = {"results": [row("SD-UNet C320 64²", "forward", "nchw", 0.5, 1.0),
+                          row("R50-GN b8 C512 28²", "forward", "nchw", 2.0, 1.0),
+                          row("DRAM 8×256×64²", "forward", "nchw", 3.0, 2.5),
+                          row("tiny", "forward", "nchw", 9.0, 9.0)]}
+    text = _readme_table().standing(report)
+    assert "through `gnnumba.torch`: 1.00× over the 2 model rows (nchw forward 1.00×; " \
+           "1 rows at 0.95× or better), 3.00–3.00× on the DRAM rows" in text
+    assert "through the NumPy API: 1.00× over the 2 model rows" in text

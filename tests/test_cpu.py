@@ -569,6 +569,7 @@ def test_large_outputs_with_mapped_pages(layout, monkeypatch):
     from gnnumba import config
 
     monkeypatch.setattr(config, "CPU_PREFAULT_MIN_BYTES", 4 << 20)
+    cpu.pool.release()  # new buffers, not reused ones
     x, w, b, dy = random_inputs((2, 32, 128, 128), np.float32, seed=8)  # 4 MiB
     assert x.nbytes >= config.CPU_PREFAULT_MIN_BYTES
     xl = make_layout(x, layout)
@@ -579,3 +580,61 @@ def test_large_outputs_with_mapped_pages(layout, monkeypatch):
     assert_close(y, y_ref, 2e-5, "y")
     assert_close(dx, dx_ref, 2e-4, "dx")
     assert_close(dw, dw_ref, 2e-4, "dweight")
+
+
+# --------------------------------------------------------------------------- output pool
+
+
+def _address(a):
+    return (a.data_ptr() if hasattr(a, "data_ptr") else a.__array_interface__["data"][0])
+
+
+def test_output_pool_reuses_only_freed_buffers():
+    """Large outputs come from ``cpu.pool``: a buffer is handed out again only when no array
+    or tensor made from it is alive, and then holds the new result."""
+    x, w, b, _ = random_inputs((2, 8, 64, 64), np.float32, seed=3)  # 256 KiB outputs
+    x2 = x[::-1].copy()
+    cpu.pool.release()
+    y1 = gnnumba.group_norm(x, 4, w, b)
+    y2 = gnnumba.group_norm(x2, 4, w, b)
+    assert _address(y1) != _address(y2)  # both alive: never the same memory
+    first = _address(y1)
+    keep = y1[0]  # a view keeps the buffer in use
+    del y1
+    y3 = gnnumba.group_norm(x, 4, w, b)
+    assert first not in (_address(y3), _address(y2))
+    np.testing.assert_array_equal(keep, y3[0])
+    del keep, y3
+    y4 = gnnumba.group_norm(x2, 4, w, b)  # the first buffer (or the third) is free again
+    np.testing.assert_array_equal(y4, y2)
+    assert cpu.pool.free_bytes() >= x.nbytes
+
+
+def test_output_pool_sees_tensors_made_by_dlpack():
+    """A torch tensor sharing a pooled buffer (the torch bridge's outputs) keeps it in use."""
+    torch = pytest.importorskip("torch")
+    import gnnumba.torch as gt
+
+    x = torch.randn(2, 8, 64, 64)
+    cpu.pool.release()
+    y1 = gt.group_norm(x, 4)
+    y2 = gt.group_norm(x * 2, 4)
+    assert y1.data_ptr() != y2.data_ptr()
+    ptr = y1.data_ptr()
+    del y1
+    y3 = gt.group_norm(x, 4)
+    assert y3.data_ptr() == ptr  # freed, reused, and holding the new result
+    torch.testing.assert_close(y3, torch.nn.functional.group_norm(x, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_output_pool_keeps_a_bounded_amount_of_free_memory(monkeypatch):
+    from gnnumba import config
+
+    monkeypatch.setattr(config, "CPU_POOL_MAX_FREE_BYTES", 1 << 20)
+    cpu.pool.release()
+    for c in (8, 16, 24, 32, 40):  # outputs of 256 KiB .. 1.25 MiB, each freed at once
+        x, w, b, _ = random_inputs((1, c, 64, 128), np.float32)
+        gnnumba.group_norm(x, 4, w, b)
+        assert cpu.pool.free_bytes() <= 1 << 20
+    cpu.pool.release()
+    assert cpu.pool.free_bytes() == 0

@@ -26,8 +26,8 @@ _SCRIPT = textwrap.dedent("""
                     g = cpu.backward(x3, x3, m, r, w, b, act, dx3, cl, path)
                     for a in (y3, m, r, dx3, *g):
                         h.update(a.tobytes())
-    used = [k for k in (*cpu._FWD.values(), *cpu._BWD.values(), cpu._cl.fwd, cpu._cl.bwd)
-            if k.signatures]
+    used = [k for k in (*cpu._FWD.values(), *cpu._BWD.values(), *cpu._CL_FWD.values(),
+                        *cpu._CL_BWD.values()) if k.signatures]
     print(h.hexdigest(), sum(sum(k.stats.cache_misses.values()) for k in used),
           sum(sum(k.stats.cache_hits.values()) for k in used))
 """)

@@ -198,3 +198,36 @@ def test_property_every_path_matches_reference_and_each_other(problem):
     _close_where_finite(dx, dx_ref, gtol, "dx")
     _close_where_finite(dw, dw_ref, gtol, "dweight")
     _close_where_finite(db, db_ref, gtol, "dbias")
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def test_float32_exp_of_the_cpu_kernels_is_within_one_ulp():
+    """The kernels' vectorisable float32 exp (``gnnumba.cpu.activation.expf``, used by SiLU)
+    against the correctly rounded exp, over the whole float32 range and its special values."""
+    from numba import njit
+
+    from gnnumba.cpu.activation import expf
+
+    @njit(error_model="numpy")
+    def exp_all(a, out):
+        for i in range(a.shape[0]):
+            out[i] = expf(a[i])
+
+    x = np.concatenate([np.linspace(-110, 95, 400_001, dtype=np.float32),
+                        np.random.default_rng(0).standard_normal(100_000).astype(np.float32),
+                        np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, 88.72, -87.4,
+                                  -103.9, -104.0], np.float32)])
+    got = np.empty_like(x)
+    exp_all(x, got)
+    with np.errstate(over="ignore"):
+        want = np.exp(x.astype(np.float64)).astype(np.float32)
+    normal = np.isfinite(want) & (want >= np.finfo(np.float32).tiny)
+    ulps = np.abs(got[normal].view(np.int32).astype(np.int64)
+                  - want[normal].view(np.int32).astype(np.int64))
+    assert ulps.max() <= 1
+    tiny = ~normal & np.isfinite(want)  # denormal results and 0: one denormal step at most
+    assert np.all(np.abs(got[tiny].astype(np.float64) - want[tiny]) <= 2.0 ** -149)
+    assert np.array_equal(np.isinf(got), np.isinf(want))
+    assert np.isnan(got[np.isnan(x)]).all() and not np.isnan(got[~np.isnan(x)]).any()

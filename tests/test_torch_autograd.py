@@ -103,6 +103,50 @@ def test_first_order_backward_builds_no_graph():
     assert gx.grad_fn is None
 
 
+
+
+PARAM_DTYPES = {  # (weight dtype, bias dtype) or None for a missing parameter
+    "same": "x", "float32": (torch.float32, torch.float32), "mixed": (torch.float32, torch.float64),
+    "weight only": (torch.float32, None), "bias only": (None, torch.float64),
+    "bfloat16 params": (torch.bfloat16, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("params", PARAM_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_eager_backward_matches_the_backward_kernel_bitwise(layout, dtype, params):
+    """The first-order backward reuses its forward's NumPy views and sums the parameter
+    gradients straight into their dtype (``ops.cpu_backward_saved``): the same bits as
+    ``ops.backward_impl`` from the saved tensors, with torch's conversion of the float64
+    sums."""
+    from gnnumba.torch import ops
+
+    x, w, b = inputs((3, 8, 5, 3), layout, dtype)
+    dtypes = (dtype, dtype) if PARAM_DTYPES[params] == "x" else PARAM_DTYPES[params]
+    w = w.to(dtypes[0]) if dtypes[0] is not None else None
+    b = b.to(dtypes[1]) if dtypes[1] is not None else None
+    dy = inputs((3, 8, 5, 3), layout, dtype, seed=1)[0]
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    y = gt.group_norm(x, 4, w, b, activation="silu")
+    got = torch.autograd.grad(y, leaves, dy)
+    _, mean, rstd = ops.forward_impl(x.detach(), 4, w, b, 1e-5, activations.code("silu"))
+    dx, dw, db = ops.backward_impl(dy, x.detach(), mean, rstd, w, b, activations.code("silu"))
+    want = [dx] + [g.to(p.dtype) for g, p in ((dw, w), (db, b)) if p is not None]
+    for g, e in zip(got, want):
+        assert g.dtype == e.dtype and g.stride() == e.stride()
+        assert torch.equal(g, e)
+
+
+def test_inplace_change_of_the_saved_input_is_refused():
+    """As with torch's own GroupNorm, changing the input in place between forward and
+    backward raises instead of giving gradients of other values."""
+    base, w, b = (t.requires_grad_() for t in inputs())
+    for fn in (F.group_norm, gt.group_norm):
+        x = base * 1.0
+        y = fn(x, 3, w, b)
+        x.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
 # --------------------------------------------------------------------------- forward AD
 
 

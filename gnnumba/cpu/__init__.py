@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import _threading, config
 from . import channels_last as _cl
+from . import pool
 from . import nchw as _nchw
 from .stats import reduce_params as _reduce_params
 from .storage import HALF_BITS, compute_dtype
@@ -54,11 +55,28 @@ def choose_path(x_size: int, num_groups_total: int, group_bytes: int) -> str:
     return "split"
 
 
+def choose_cl_path(x_size: int, N: int, sample_bytes: int) -> str:
+    """Channels-last path: "serial" (see ``run_serially``); "fused", one task per sample in
+    one parallel region, when the batch splits evenly over the threads; else "split", the
+    blocks of every sample spread over the threads in three regions (statistics, merges,
+    apply). All three give bit-identical results."""
+    if run_serially(x_size):
+        return "serial"
+    threads = numba.get_num_threads()
+    if (N % threads == 0 or N >= config.CPU_FUSED_MIN_TASKS_PER_THREAD * threads) and \
+            sample_bytes <= config.CPU_CL_FUSED_MAX_BYTES:
+        return "fused"
+    return "split"
+
+
 # --------------------------------------------------------------------------- kernels
 
 _FWD = {"serial": _nchw.fwd_serial, "fused": _nchw.fwd_fused, "split": _nchw.fwd_split}
 _BWD = {"serial": _nchw.bwd_serial, "fused": _nchw.bwd_fused, "split": _nchw.bwd_split}
 _SUMS = {"serial": _nchw.sums_serial, "fused": _nchw.sums_fused, "split": _nchw.sums_split}
+_CL_FWD = {"serial": _cl.fwd_serial, "fused": _cl.fwd_fused, "split": _cl.fwd}
+_CL_BWD = {"serial": _cl.bwd_serial, "fused": _cl.bwd_fused, "split": _cl.bwd}
+_CL_SUMS = {"serial": _cl.sums_serial, "fused": _cl.sums_fused, "split": _cl.sums}
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,8 +108,9 @@ def forward(x3, num_groups, weight, bias, eps, act, y3, channels_last, path=None
     coef = np.empty((N, 3, C), dtype=cdt)
     act = int(act)
     if channels_last:
-        kernel = _cl.fwd_serial if run_serially(x3.size) else _cl.fwd
-        kernel(x3, weight, bias, eps, act, one, config.CPU_CL_BLOCK, y3, mean, rstd, coef)
+        if path is None:
+            path = choose_cl_path(x3.size, N, S * C * x3.itemsize)
+        _CL_FWD[path](x3, weight, bias, eps, act, one, config.CPU_CL_BLOCK, y3, mean, rstd, coef)
         return mean, rstd
     D = (C // G) * S
     x2 = x3.reshape(N * G, D)
@@ -108,13 +127,13 @@ def backward(dy3, x3, mean, rstd, weight, bias, act, dx3, channels_last, path=No
     G = mean.shape[1]
     dweight_ps = np.empty((N, C))
     dbias_ps = np.empty((N, C))
-    cdt = compute_dtype(x3.dtype)
+    cdt, one = _compute(x3.dtype)
     coef = np.empty((N, 5, C), dtype=cdt)
-    one = cdt.type(1)
     act = int(act)
     if channels_last:
-        kernel = _cl.bwd_serial if run_serially(x3.size) else _cl.bwd
-        kernel(dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dx3,
+        if path is None:
+            path = choose_cl_path(x3.size, N, 2 * S * C * x3.itemsize)
+        _CL_BWD[path](dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dx3,
                dweight_ps, dbias_ps, coef)
         return dweight_ps, dbias_ps
     if path is None:
@@ -132,13 +151,13 @@ def per_sample_param_grads(dy3, x3, mean, rstd, weight, bias, act, channels_last
     G = mean.shape[1]
     dweight_ps = np.empty((N, C))
     dbias_ps = np.empty((N, C))
-    cdt = compute_dtype(x3.dtype)
+    cdt, one = _compute(x3.dtype)
     coef = np.empty((N, 3, C), dtype=cdt)
-    one = cdt.type(1)
     act = int(act)
     if channels_last:
-        kernel = _cl.sums_serial if run_serially(x3.size) else _cl.sums
-        kernel(dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dweight_ps,
+        if path is None:
+            path = choose_cl_path(x3.size, N, 2 * S * C * x3.itemsize)
+        _CL_SUMS[path](dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dweight_ps,
                dbias_ps, coef)
         return dweight_ps, dbias_ps
     if path is None:
@@ -148,11 +167,12 @@ def per_sample_param_grads(dy3, x3, mean, rstd, weight, bias, act, channels_last
     return dweight_ps, dbias_ps
 
 
-def reduce_params(dweight_per_sample, dbias_per_sample):
-    """float64 (dweight, dbias) of shape (C,): the per-sample sums added over N in order."""
+def reduce_params(dweight_per_sample, dbias_per_sample, dtype=np.float64):
+    """(dweight, dbias) of shape (C,): the per-sample sums added over N in order, in float64,
+    and stored in ``dtype`` (float32 rounds once, as converting the float64 sums would)."""
     C = dbias_per_sample.shape[1]
-    dweight = np.empty(C)
-    dbias = np.empty(C)
+    dweight = np.empty(C, dtype)
+    dbias = np.empty(C, dtype)
     _reduce_params(dweight_per_sample, dbias_per_sample, dweight, dbias)
     return dweight, dbias
 
@@ -173,17 +193,15 @@ def default_param(C: int, dtype, value: float) -> np.ndarray:
 
 
 def empty(shape, dtype) -> np.ndarray:
-    """``np.empty`` whose pages are already mapped, for kernel outputs.
-
-    A fresh large array is mapped lazily, page by page, on first write. When the threads of a
-    parallel kernel take those page faults together, they sometimes collapse on this kind of
-    VM: at (8, 256, 64, 64) backward measured 4.5 ms at the median but 24-56 ms at the
-    75th-90th percentile, and in ``gnnumba bench`` the allocating forward swung by +-118%.
-    Touching one element per page first, on the calling thread (as ``np.empty`` followed by
-    a copy does), costs about 1 ms per 32 MiB and made the same runs stable (+-4%). Arrays
-    under ``config.CPU_PREFAULT_MIN_BYTES`` come from memory the allocator keeps mapped and
-    are left alone."""
-    a = np.empty(shape, dtype)
-    if a.nbytes >= config.CPU_PREFAULT_MIN_BYTES:
-        a.reshape(-1)[:: max(1, 4096 // a.itemsize)] = 0
-    return a
+    """An uninitialised array for a kernel output, from ``pool``: large outputs reuse freed
+    buffers whose pages are already mapped (a fresh large block pays a page fault per 4 KiB
+    on first write, and its memory goes back to the kernel when freed)."""
+    dtype = np.dtype(dtype)
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    if n < config.CPU_POOL_MIN_BYTES:
+        return np.empty(shape, dtype)
+    return pool.empty(n).view(dtype).reshape(shape)

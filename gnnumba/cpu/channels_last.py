@@ -18,7 +18,8 @@ from .activation import NONE, derivative, forward
 from .compile import kernel
 from .stats import merge, rstd_of, set_coefs, set_dx_coefs
 from .storage import FOLD_LANES as LANES
-from .storage import add_channel_sums, add_lane_deviations, cast, load, stack_zeros, store
+from .storage import (add_channel_sums, add_lane_deviations, apply_channels, cast, dx_channels,
+                      holds_compute_dtype, load, stack_zeros, store)
 
 
 @njit(inline="always")
@@ -142,6 +143,19 @@ def _apply_task(t, x3, y3, sb, nb, coef, one, act):
     sc = coef[n, 0]
     sh = coef[n, 1]
     m = coef[n, 2]
+    C = x3.shape[2]
+    if act == NONE or holds_compute_dtype(y3):
+        # vector IR (the loop below stays scalar: ``storage.apply_channels``); an activation
+        # then runs over the stored pre-activations, exact in y's dtype, in a loop LLVM
+        # vectorises (one array)
+        for s in range(s0, min(s0 + sb, x3.shape[1])):
+            yr = y3[n, s]
+            for c0 in range(0, C, LANES):
+                apply_channels(yr, x3[n, s], c0, m, sc, sh, C - c0)
+            if act != NONE:
+                for c in range(C):
+                    yr[c] = forward(act, yr[c], one)
+        return
     for s in range(s0, min(s0 + sb, x3.shape[1])):
         xr = x3[n, s]
         yr = y3[n, s]
@@ -164,6 +178,27 @@ def fwd(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
         _merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
     for t in prange(N * nb):
         _apply_task(t, x3, y3, sb, nb, coef, one, act)
+
+
+@kernel(parallel=True)
+def fwd_fused(x3, w, b, eps, act, one, block, y3, mean, rstd, coef):
+    """``fwd`` with one task per sample (its blocks' statistics, its groups' merges, then its
+    apply) in one parallel region instead of three: the same task bodies, the same bits.
+    For batches that split evenly over the threads (``choose_path``)."""
+    N, S, C = x3.shape
+    G = mean.shape[1]
+    sb, nb = blocking(S, C, block)
+    pm = np.empty((N, nb, G))
+    pq = np.empty((N, nb, G))
+    scratch = np.empty((N * nb, 4, C), dtype=coef.dtype)
+    scratch64 = np.empty((N * nb, 2, C))
+    for n in prange(N):
+        for t in range(n * nb, (n + 1) * nb):
+            _stats_task(t, x3, sb, nb, C // G, pm, pq, scratch, scratch64)
+        for ng in range(n * G, (n + 1) * G):
+            _merge_task(ng, pm, pq, sb, S, C // G, eps, w, b, mean, rstd, coef)
+        for t in range(n * nb, (n + 1) * nb):
+            _apply_task(t, x3, y3, sb, nb, coef, one, act)
 
 
 @kernel()
@@ -262,6 +297,21 @@ def sums(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef)
         _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
 
 
+@kernel(parallel=True)
+def sums_fused(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef):
+    """``sums`` with one task per sample in one parallel region (same bits)."""
+    N, S, C = x3.shape
+    G = mean.shape[1]
+    sb, nb = blocking(S, C, block)
+    p = np.empty((N, nb, 2, C))
+    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
+    for n in prange(N):
+        for t in range(n * nb, (n + 1) * nb):
+            _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs[t], p)
+        for ng in range(n * G, (n + 1) * G):
+            _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
+
+
 @kernel()
 def sums_serial(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef):
     N, S, C = x3.shape
@@ -299,6 +349,12 @@ def _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3):
     m = coef[n, 2]
     k1 = coef[n, 3]
     k0 = coef[n, 4]
+    C = x3.shape[2]
+    if act == NONE:  # vector IR: the loop below stays scalar (``storage.dx_channels``)
+        for s in range(s0, min(s0 + sb, x3.shape[1])):
+            for c0 in range(0, C, LANES):
+                dx_channels(dx3[n, s], dy3[n, s], x3[n, s], c0, a, m, k1, k0, C - c0)
+        return
     for s in range(s0, min(s0 + sb, x3.shape[1])):
         xr = x3[n, s]
         gr = dy3[n, s]
@@ -324,6 +380,24 @@ def bwd(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbias_ps, c
         _dx_coef_task(ng, mean, rstd, w, b, S, dweight_ps, dbias_ps, coef)
     for t in prange(N * nb):
         _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3)
+
+
+@kernel(parallel=True)
+def bwd_fused(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbias_ps, coef):
+    """``bwd`` with one task per sample in one parallel region (same bits)."""
+    N, S, C = x3.shape
+    G = mean.shape[1]
+    sb, nb = blocking(S, C, block)
+    p = np.empty((N, nb, 2, C))
+    cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
+    for n in prange(N):
+        for t in range(n * nb, (n + 1) * nb):
+            _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs[t], p)
+        for ng in range(n * G, (n + 1) * G):
+            _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
+            _dx_coef_task(ng, mean, rstd, w, b, S, dweight_ps, dbias_ps, coef)
+        for t in range(n * nb, (n + 1) * nb):
+            _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3)
 
 
 @kernel()

@@ -148,8 +148,9 @@ def row_sums(dyr, xr, m, a, c0, one, act, chunk):
 
 @kernel()
 def reduce_params(dweight_per_sample, dbias_per_sample, dweight, dbias):
-    """dweight[c] = sum_n dweight_per_sample[n, c] (and dbias alike), in order of n. Serial:
-    N*C numbers, less work than waking the thread pool."""
+    """dweight[c] = sum_n dweight_per_sample[n, c] (and dbias alike), in order of n, in
+    float64, rounded once on the store when the outputs are float32. Serial: N*C numbers,
+    less work than waking the thread pool."""
     N, C = dbias_per_sample.shape
     for c in range(C):
         s1 = 0.0

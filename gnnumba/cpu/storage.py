@@ -93,6 +93,18 @@ def _store_impl(a, i, v):
     return impl
 
 
+def holds_compute_dtype(a):
+    """True when a's elements are stored in the dtype the kernels compute in (float32,
+    float64), False for half-precision bits: storing a value and reading it back is then
+    exact. A compile-time constant."""
+
+
+@overload(holds_compute_dtype, inline="always")
+def _holds_compute_dtype_impl(a):
+    exact = a.dtype not in (types.uint16, types.int16)
+    return lambda a: exact
+
+
 def cast(a, v):
     """v converted to the type the kernels compute in for a's elements (float32 arithmetic
     stays float32 in Numba only when every operand is float32; Python numbers are float64)."""
@@ -188,18 +200,23 @@ def _lanes_ptr(builder, context, aryty, ary, offset):
 
 def _load_lanes(builder, context, aryty, ary, offset, mask):
     """FOLD_LANES elements of a 1-D array from ``offset`` as a float32/float64 vector, lanes
-    off in ``mask`` read as 0 and never touched (AVX-512 masked loads)."""
+    off in ``mask`` read as 0 and never touched (AVX-512 masked loads); ``mask`` None: all
+    lanes (a plain load)."""
     ptr = _lanes_ptr(builder, context, aryty, ary, offset)
     elt = context.get_data_type(aryty.dtype)
     vty = ir.VectorType(elt, FOLD_LANES)
-    name = "llvm.masked.load.v%d%s.p0" % (FOLD_LANES, {"float": "f32", "double": "f64"}.get(
-        str(elt), "i16"))
-    fn = builder.module.globals.get(name)
-    if fn is None:
-        fn = ir.Function(builder.module, ir.FunctionType(
-            vty, [ptr.type, ir.IntType(32), mask.type, vty]), name=name)
-    v = builder.call(fn, [ptr, ir.Constant(ir.IntType(32), aryty.dtype.bitwidth // 8), mask,
-                          ir.Constant(vty, None)])
+    if mask is None:  # a full block
+        v = builder.load(builder.bitcast(ptr, vty.as_pointer()),
+                         align=aryty.dtype.bitwidth // 8)
+    else:
+        name = "llvm.masked.load.v%d%s.p0" % (FOLD_LANES, {"float": "f32", "double": "f64"}.get(
+            str(elt), "i16"))
+        fn = builder.module.globals.get(name)
+        if fn is None:
+            fn = ir.Function(builder.module, ir.FunctionType(
+                vty, [ptr.type, ir.IntType(32), mask.type, vty]), name=name)
+        v = builder.call(fn, [ptr, ir.Constant(ir.IntType(32), aryty.dtype.bitwidth // 8),
+                              mask, ir.Constant(vty, None)])
     f32 = ir.VectorType(ir.FloatType(), FOLD_LANES)
     i32v = ir.VectorType(ir.IntType(32), FOLD_LANES)
     if aryty.dtype == types.uint16:  # bfloat16 bits: the high half of a float32
@@ -226,6 +243,30 @@ def _mask(builder, count):
                                  _splat(builder, builder.trunc(count, ir.IntType(8)), i8v))
 
 
+def _blocks(builder, count, body):
+    """Emit ``body(mask)`` twice: with ``mask`` None (plain vector loads and stores) when the
+    block is full, ``count >= FOLD_LANES``, and with the lane mask otherwise. Masked loads
+    measured 2.6x slower than plain ones on this machine's AMD EPYC (a float32 sum of
+    products over 2.6M elements: 745 vs 282 us, one thread; BLAS sdot 277 us), and all but
+    a row's last block are full. Both branches do the same arithmetic on the lanes they
+    keep: the same bits."""
+    i64 = ir.IntType(64)
+    n = builder.sext(count, i64) if count.type.width < 64 else count
+    full = builder.icmp_signed(">=", n, ir.Constant(i64, FOLD_LANES))
+    with builder.if_else(full, likely=True) as (then, otherwise):
+        with then:
+            body(None)
+        with otherwise:
+            body(_mask(builder, count))
+
+
+def _keep(builder, mask, vec):
+    """``vec`` with the lanes off in ``mask`` set to 0 (all kept when ``mask`` is None)."""
+    if mask is None:
+        return vec
+    return builder.select(mask, vec, ir.Constant(vec.type, None))
+
+
 @intrinsic
 def add_lane_sums(typingctx, acc1, acc2, dyr, xr, i, m, count):
     """acc1 += dy, acc2 += dy * (x - m), lane j taking element i + j of the 1-D arrays
@@ -239,19 +280,21 @@ def add_lane_sums(typingctx, acc1, acc2, dyr, xr, i, m, count):
         a1t, a2t, gt, xt = sig.args[:4]
         ct = context.get_data_type(a1t.dtype)
         vty = ir.VectorType(ct, FOLD_LANES)
-        mask = _mask(builder, args[6])
-        g = _load_lanes(builder, context, gt, args[2], args[4], mask)
-        x = _load_lanes(builder, context, xt, args[3], args[4], mask)
-        d = builder.select(mask, builder.fsub(x, _splat(builder, args[5], vty)),
-                           ir.Constant(vty, None))
         p1 = builder.bitcast(context.make_array(a1t)(context, builder, args[0]).data,
                              vty.as_pointer())
         p2 = builder.bitcast(context.make_array(a2t)(context, builder, args[1]).data,
                              vty.as_pointer())
         align = context.get_abi_sizeof(ct)
-        builder.store(builder.fadd(builder.load(p1, align=align), g), p1, align=align)
-        builder.store(builder.fadd(builder.load(p2, align=align), builder.fmul(g, d)), p2,
-                      align=align)
+
+        def body(mask):
+            g = _load_lanes(builder, context, gt, args[2], args[4], mask)
+            x = _load_lanes(builder, context, xt, args[3], args[4], mask)
+            d = _keep(builder, mask, builder.fsub(x, _splat(builder, args[5], vty)))
+            builder.store(builder.fadd(builder.load(p1, align=align), g), p1, align=align)
+            builder.store(builder.fadd(builder.load(p2, align=align), builder.fmul(g, d)), p2,
+                          align=align)
+
+        _blocks(builder, args[6], body)
         return context.get_dummy_value()
 
     return types.none(acc1, acc2, dyr, xr, i, m, count), codegen
@@ -278,6 +321,10 @@ def _store_lanes(builder, context, aryty, ary, offset, vec, mask):
         quiet = builder.or_(builder.lshr(u, c(16)), c(0x40))
         vec = builder.trunc(builder.select(is_nan, quiet, rounded),
                             ir.VectorType(ir.IntType(16), n))
+    if mask is None:  # a full block
+        builder.store(vec, builder.bitcast(data, vec.type.as_pointer()),
+                      align=aryty.dtype.bitwidth // 8)
+        return
     name = "llvm.masked.store.v%d%s.p0" % (n, {"float": "f32", "double": "f64"}.get(
         str(vec.type.element), "i16"))
     fn = builder.module.globals.get(name)
@@ -301,14 +348,16 @@ def dx_lanes(typingctx, dxr, dyr, xr, i, a, m, k1, k0, count):
         dxt, gt, xt, _it, at = sig.args[:5]
         ct = context.get_data_type(at)
         vty = ir.VectorType(ct, FOLD_LANES)
-        mask = _mask(builder, args[8])
-        g = _load_lanes(builder, context, gt, args[1], args[3], mask)
-        x = _load_lanes(builder, context, xt, args[2], args[3], mask)
-        d = builder.fsub(x, _splat(builder, args[5], vty))
-        out = builder.fadd(builder.fadd(builder.fmul(_splat(builder, args[4], vty), g),
-                                        builder.fmul(_splat(builder, args[6], vty), d)),
-                           _splat(builder, args[7], vty))
-        _store_lanes(builder, context, dxt, args[0], args[3], out, mask)
+        def body(mask):
+            g = _load_lanes(builder, context, gt, args[1], args[3], mask)
+            x = _load_lanes(builder, context, xt, args[2], args[3], mask)
+            d = builder.fsub(x, _splat(builder, args[5], vty))
+            out = builder.fadd(builder.fadd(builder.fmul(_splat(builder, args[4], vty), g),
+                                            builder.fmul(_splat(builder, args[6], vty), d)),
+                               _splat(builder, args[7], vty))
+            _store_lanes(builder, context, dxt, args[0], args[3], out, mask)
+
+        _blocks(builder, args[8], body)
         return context.get_dummy_value()
 
     return types.none(dxr, dyr, xr, i, a, m, k1, k0, count), codegen
@@ -326,18 +375,21 @@ def add_lane_deviations(typingctx, acc1, acc2, xr, i, mr, j, count):
         a1t, a2t, xt, _it, mt = sig.args[:5]
         ct = context.get_data_type(a1t.dtype)
         vty = ir.VectorType(ct, FOLD_LANES)
-        mask = _mask(builder, args[6])
-        x = _load_lanes(builder, context, xt, args[2], args[3], mask)
-        m = _load_lanes(builder, context, mt, args[4], args[5], mask)
-        d = builder.select(mask, builder.fsub(x, m), ir.Constant(vty, None))
         p1 = builder.bitcast(context.make_array(a1t)(context, builder, args[0]).data,
                              vty.as_pointer())
         p2 = builder.bitcast(context.make_array(a2t)(context, builder, args[1]).data,
                              vty.as_pointer())
         align = context.get_abi_sizeof(ct)
-        builder.store(builder.fadd(builder.load(p1, align=align), d), p1, align=align)
-        builder.store(builder.fadd(builder.load(p2, align=align), builder.fmul(d, d)), p2,
-                      align=align)
+
+        def body(mask):
+            x = _load_lanes(builder, context, xt, args[2], args[3], mask)
+            m = _load_lanes(builder, context, mt, args[4], args[5], mask)
+            d = _keep(builder, mask, builder.fsub(x, m))
+            builder.store(builder.fadd(builder.load(p1, align=align), d), p1, align=align)
+            builder.store(builder.fadd(builder.load(p2, align=align), builder.fmul(d, d)), p2,
+                          align=align)
+
+        _blocks(builder, args[6], body)
         return context.get_dummy_value()
 
     return types.none(acc1, acc2, xr, i, mr, j, count), codegen
@@ -359,23 +411,80 @@ def add_channel_sums(typingctx, acc1, acc2, dyr, xr, i, mr, j, count):
         at = context.get_data_type(a1t.dtype)
         vty = ir.VectorType(ct, FOLD_LANES)
         aty = ir.VectorType(at, FOLD_LANES)
-        mask = _mask(builder, args[7])
-        g = _load_lanes(builder, context, gt, args[2], args[4], mask)
-        x = _load_lanes(builder, context, xt, args[3], args[4], mask)
-        m = _load_lanes(builder, context, mt, args[5], args[6], mask)
-        zero = ir.Constant(vty, None)
-        g = builder.select(mask, g, zero)
-        gd = builder.select(mask, builder.fmul(g, builder.fsub(x, m)), zero)
-        if ct != at:
-            g = builder.fpext(g, aty)
-            gd = builder.fpext(gd, aty)
         p1 = builder.bitcast(context.make_array(a1t)(context, builder, args[0]).data,
                              aty.as_pointer())
         p2 = builder.bitcast(context.make_array(a2t)(context, builder, args[1]).data,
                              aty.as_pointer())
         align = context.get_abi_sizeof(at)
-        builder.store(builder.fadd(builder.load(p1, align=align), g), p1, align=align)
-        builder.store(builder.fadd(builder.load(p2, align=align), gd), p2, align=align)
+
+        def body(mask):
+            g = _load_lanes(builder, context, gt, args[2], args[4], mask)
+            x = _load_lanes(builder, context, xt, args[3], args[4], mask)
+            m = _load_lanes(builder, context, mt, args[5], args[6], mask)
+            g = _keep(builder, mask, g)
+            gd = _keep(builder, mask, builder.fmul(g, builder.fsub(x, m)))
+            if ct != at:
+                g = builder.fpext(g, aty)
+                gd = builder.fpext(gd, aty)
+            builder.store(builder.fadd(builder.load(p1, align=align), g), p1, align=align)
+            builder.store(builder.fadd(builder.load(p2, align=align), gd), p2, align=align)
+
+        _blocks(builder, args[7], body)
         return context.get_dummy_value()
 
     return types.none(acc1, acc2, dyr, xr, i, mr, j, count), codegen
+
+
+@intrinsic
+def apply_channels(typingctx, yr, xr, c0, m, scale, shift, count):
+    """y = (x - m) * scale + shift for channels c0 .. c0 + min(count, FOLD_LANES) - 1 of one
+    channels-last position (``xr``/``yr`` its C elements, the coefficient rows indexed by
+    channel too), in that order and without fused multiply-adds: the bits of the scalar
+    formula. A loop over channels with four coefficient arrays stayed scalar in LLVM."""
+    if not _contiguous_1d(yr, xr, m, scale, shift):
+        return None
+
+    def codegen(context, builder, sig, args):
+        yt, xt, _ct, mt, st, ht = sig.args[:6]
+
+        def body(mask):
+            def lanes(t, a):
+                return _load_lanes(builder, context, t, a, args[2], mask)
+
+            z = builder.fmul(builder.fsub(lanes(xt, args[1]), lanes(mt, args[3])),
+                             lanes(st, args[4]))
+            _store_lanes(builder, context, yt, args[0], args[2],
+                         builder.fadd(z, lanes(ht, args[5])), mask)
+
+        _blocks(builder, args[6], body)
+        return context.get_dummy_value()
+
+    return types.none(yr, xr, c0, m, scale, shift, count), codegen
+
+
+@intrinsic
+def dx_channels(typingctx, dxr, dyr, xr, c0, a, m, k1, k0, count):
+    """dx = a*dy + k1*(x - m) + k0 for channels c0 .. c0 + min(count, FOLD_LANES) - 1 of one
+    channels-last position, coefficients per channel, in that evaluation order and without
+    fused multiply-adds (the scalar formula's bits); the channels-last twin of
+    ``dx_lanes``."""
+    if not _contiguous_1d(dxr, dyr, xr, a, m, k1, k0):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dxt, gt, xt, _ct, at, mt, k1t, k0t = sig.args[:8]
+
+        def body(mask):
+            def lanes(t, v):
+                return _load_lanes(builder, context, t, v, args[3], mask)
+
+            d = builder.fsub(lanes(xt, args[2]), lanes(mt, args[5]))
+            out = builder.fadd(builder.fadd(builder.fmul(lanes(at, args[4]), lanes(gt, args[1])),
+                                            builder.fmul(lanes(k1t, args[6]), d)),
+                               lanes(k0t, args[7]))
+            _store_lanes(builder, context, dxt, args[0], args[3], out, mask)
+
+        _blocks(builder, args[8], body)
+        return context.get_dummy_value()
+
+    return types.none(dxr, dyr, xr, c0, a, m, k1, k0, count), codegen

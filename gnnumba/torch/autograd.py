@@ -50,9 +50,14 @@ def _param_as(p, bdim, x_dim: int, B: int):
 
 
 def _backward(ctx, dy):
-    """Gradients for (x, num_groups, weight, bias, eps, act): the backward kernel, or, when
-    they must be differentiable or are taken under a transform, ``BackwardFunction``."""
+    """Gradients for (x, num_groups, weight, bias, eps, act) from the saved tensors."""
     x, mean, rstd, weight, bias = ctx.saved_tensors
+    return _grads(ctx, dy, x, mean, rstd, weight, bias)
+
+
+def _grads(ctx, dy, x, mean, rstd, weight, bias):
+    """The backward kernel, or, when the gradients must be differentiable or are taken under
+    a transform, ``BackwardFunction``."""
     G, eps, act = ctx.args
     need = ctx.needs_input_grad
     if torch.is_grad_enabled() or _interpreter_stack() is not None:
@@ -72,18 +77,39 @@ class EagerFunction(torch.autograd.Function):
     The same as ``GroupNormFunction`` in the older ``forward(ctx, ...)`` style, because
     torch binds the arguments of a ``setup_context``-style Function with
     ``inspect.signature`` at every call: measured 29 us against 13 us per forward at
-    1x32x8x8. Transforms need the ``setup_context`` style, so they get the other one."""
+    1x32x8x8. Transforms need the ``setup_context`` style, so they get the other one.
+
+    On CPU the forward keeps its NumPy views and float64 statistics (``ops.CpuSaved``) for a
+    first-order backward; x, weight and bias are still saved as tensors, so that torch's
+    check for in-place changes between forward and backward applies."""
 
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, act):
+        ctx.args = (num_groups, eps, act)
+        ctx.cpu = None
+        if not x.is_cuda:
+            y, ctx.cpu = ops.cpu_forward_saved(x, num_groups, weight, bias, eps, act)
+            if ctx.cpu is not None:
+                ctx.save_for_backward(x, weight, bias)
+                return y
         y, mean, rstd = ops.forward_impl(x, num_groups, weight, bias, eps, act)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
-        ctx.args = (num_groups, eps, act)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return _backward(ctx, dy)
+        saved = ctx.cpu
+        if saved is None:
+            return _backward(ctx, dy)
+        x, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled() or _interpreter_stack() is not None:
+            mean, rstd = ops.cpu_saved_stats(saved)
+            return _grads(ctx, dy, x, mean, rstd, weight, bias)
+        need = ctx.needs_input_grad
+        dx, dw, db = ops.cpu_backward_saved(dy, saved, ctx.args[2],
+                                            weight.dtype if need[2] else None,
+                                            bias.dtype if need[3] else None)
+        return dx if need[0] else None, None, dw, db, None, None
 
 
 class GroupNormFunction(torch.autograd.Function):
