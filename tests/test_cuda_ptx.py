@@ -154,8 +154,7 @@ def _cuda_sass():
     return cuda_sass
 
 
-@pytest.mark.parametrize("cc, name", [((9, 0), "fwd_apply_nchw"), ((9, 0), "bwd_dx_cl"),
-                                      ((8, 0), "fwd_stats_cl")])
+@pytest.mark.parametrize("cc, name", [((9, 0), "bwd_dx_cl"), ((8, 0), "fwd_stats_cl")])
 def test_bfloat16_links_inline(cc, name):
     """bfloat16 kernels linked with numba-cuda's bfloat16 shim with link-time optimisation
     (numba-cuda's default when nvJitLink is installed): the conversions are inlined (no
@@ -187,8 +186,7 @@ def test_ptxas_resources(spec):
         assert res["stack"] == 0, f"per-thread tile left registers: {res}"
 
 
-@pytest.mark.parametrize("cc", [80, 90])
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("cc, dtype", [(90, "float16"), (80, "float32")])  # CI time
 @pytest.mark.parametrize("name", sorted(PROLOGUE_SPILLS))
 def test_streaming_loops_stay_in_registers(name, dtype, cc):
     """The innermost loops that both load and store global memory (the streaming loops) have
