@@ -134,7 +134,7 @@ def backward(dy3, x3, mean, rstd, weight, bias, act, dx3, channels_last, path=No
         if path is None:
             path = choose_cl_path(x3.size, N, 2 * S * C * x3.itemsize)
         _CL_BWD[path](dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dx3,
-               dweight_ps, dbias_ps, coef)
+                      dweight_ps, dbias_ps, coef)
         return dweight_ps, dbias_ps
     if path is None:
         path = choose_path(x3.size, N * G, 2 * (C // G) * S * x3.itemsize)
@@ -157,8 +157,8 @@ def per_sample_param_grads(dy3, x3, mean, rstd, weight, bias, act, channels_last
     if channels_last:
         if path is None:
             path = choose_cl_path(x3.size, N, 2 * S * C * x3.itemsize)
-        _CL_SUMS[path](dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK, dweight_ps,
-               dbias_ps, coef)
+        _CL_SUMS[path](dy3, x3, mean, rstd, weight, bias, act, one, config.CPU_CL_BLOCK,
+                       dweight_ps, dbias_ps, coef)
         return dweight_ps, dbias_ps
     if path is None:
         path = choose_path(x3.size, N * G, 2 * (C // G) * S * x3.itemsize)

@@ -297,19 +297,26 @@ def sums(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef)
         _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
 
 
+@njit(inline="always")
+def _sample_sums(n, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs, p, dweight_ps, dbias_ps):
+    """Sample n's block sums, then its groups' per-sample gradients: the fused paths' task."""
+    G = mean.shape[1]
+    for t in range(n * nb, (n + 1) * nb):
+        _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs[t], p)
+    for ng in range(n * G, (n + 1) * G):
+        _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
+
+
 @kernel(parallel=True)
 def sums_fused(dy3, x3, mean, rstd, w, b, act, one, block, dweight_ps, dbias_ps, coef):
     """``sums`` with one task per sample in one parallel region (same bits)."""
     N, S, C = x3.shape
-    G = mean.shape[1]
     sb, nb = blocking(S, C, block)
     p = np.empty((N, nb, 2, C))
     cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
     for n in prange(N):
-        for t in range(n * nb, (n + 1) * nb):
-            _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs[t], p)
-        for ng in range(n * G, (n + 1) * G):
-            _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
+        _sample_sums(n, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs, p, dweight_ps,
+                     dbias_ps)
 
 
 @kernel()
@@ -391,10 +398,9 @@ def bwd_fused(dy3, x3, mean, rstd, w, b, act, one, block, dx3, dweight_ps, dbias
     p = np.empty((N, nb, 2, C))
     cs = np.empty((N * nb, 1, 3, C), dtype=coef.dtype)
     for n in prange(N):
-        for t in range(n * nb, (n + 1) * nb):
-            _sums_task(t, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs[t], p)
+        _sample_sums(n, dy3, x3, sb, nb, one, act, mean, rstd, w, b, cs, p, dweight_ps,
+                     dbias_ps)
         for ng in range(n * G, (n + 1) * G):
-            _reduce_task(ng, p, rstd, dweight_ps, dbias_ps)
             _dx_coef_task(ng, mean, rstd, w, b, S, dweight_ps, dbias_ps, coef)
         for t in range(n * nb, (n + 1) * nb):
             _dx_task(t, dy3, x3, sb, nb, one, act, coef, dx3)

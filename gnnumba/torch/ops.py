@@ -208,8 +208,10 @@ def _np_param(p: Optional[Tensor], plan: _Plan, default: float) -> np.ndarray:
     return _to_numpy(p.detach().to(plan.param_dtype).contiguous())
 
 
-def _cpu_forward(x: Tensor, G: int, weight, bias, eps: float, act: int,
-                 stats: bool = True):
+def _cpu_run(x: Tensor, G: int, weight, bias, eps: float, act: int):
+    """The forward kernel on a CPU tensor: (y, plan, x read, its view, weight and bias as
+    the kernels took them, float64 mean, rstd); for an empty input (y, plan, x) and Nones.
+    A plain tuple: the tiny no-grad call pays for no more (a NamedTuple cost 0.4 us)."""
     p = _plan(x, G)
     if p.copy:
         x = x.contiguous()
@@ -217,13 +219,22 @@ def _cpu_forward(x: Tensor, G: int, weight, bias, eps: float, act: int,
     if x.requires_grad:
         x = x.detach()
     if p.empty:
-        y = empty_like_layout(x, p.cl)
-        return (y,) + _empty_stats(x, G, torch.float64) if stats else y
+        return empty_like_layout(x, p.cl), p, x, None, None, None, None, None
     y, y3 = _cpu_out(p, x.dtype)
-    mean, rstd = cpu.forward(_np3(x, p), G, _np_param(weight, p, 1.0),
-                             _np_param(bias, p, 0.0), eps, act, y3, p.cl)
+    x3 = _np3(x, p)
+    w = _np_param(weight, p, 1.0)
+    b = _np_param(bias, p, 0.0)
+    mean, rstd = cpu.forward(x3, G, w, b, eps, act, y3, p.cl)
+    return y, p, x, x3, w, b, mean, rstd
+
+
+def _cpu_forward(x: Tensor, G: int, weight, bias, eps: float, act: int,
+                 stats: bool = True):
+    y, _, _, x3, _, _, mean, rstd = _cpu_run(x, G, weight, bias, eps, act)
     if not stats:
         return y
+    if x3 is None:  # an empty input
+        return (y,) + _empty_stats(x, G, torch.float64)
     return y, _to_torch(mean), _to_torch(rstd)
 
 
@@ -234,18 +245,14 @@ def _cpu_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, bia
         x = x.contiguous()
         p = _plan(x, mean.shape[1])
     x = x.detach()
-    dy = dy.detach()
-    if dy.dtype != x.dtype or dy.stride() != x.stride():
-        dy = in_layout(dy.to(x.dtype), p.cl)
     if p.empty:
         zeros = x.new_zeros((p.N, p.C) if per_sample else p.C, dtype=torch.float64)
         return empty_like_layout(x, p.cl), zeros, zeros.clone()
-    dx, dx3 = _cpu_out(p, x.dtype)
-    dw_n, db_n = cpu.backward(
-        _np3(dy, p), _np3(x, p),
-        np.ascontiguousarray(_to_numpy(mean.detach()), dtype=np.float64),
-        np.ascontiguousarray(_to_numpy(rstd.detach()), dtype=np.float64),
-        _np_param(weight, p, 1.0), _np_param(bias, p, 0.0), act, dx3, p.cl)
+    saved = CpuSaved(p, x.dtype, x.stride(), _np3(x, p),
+                     np.ascontiguousarray(_to_numpy(mean.detach()), dtype=np.float64),
+                     np.ascontiguousarray(_to_numpy(rstd.detach()), dtype=np.float64),
+                     _np_param(weight, p, 1.0), _np_param(bias, p, 0.0))
+    dx, dw_n, db_n = _cpu_dx(dy, saved, act)
     if per_sample:
         return dx, _to_torch(dw_n), _to_torch(db_n)
     dw, db = cpu.reduce_params(dw_n, db_n)  # sums over N in order: deterministic
@@ -276,18 +283,9 @@ def cpu_forward_saved(x: Tensor, G: int, weight, bias, eps: float,
                       act: int) -> tuple[Tensor, Optional[CpuSaved]]:
     """(y, saved) for a CPU tensor; ``saved`` is None for an empty input (the backward then
     takes ``backward_impl``'s route)."""
-    p = _plan(x, G)
-    if p.copy:
-        x = x.contiguous()
-        p = _plan(x, G)
-    x = x.detach()
-    if p.empty:
-        return empty_like_layout(x, p.cl), None
-    y, y3 = _cpu_out(p, x.dtype)
-    x3 = _np3(x, p)
-    w = _np_param(weight, p, 1.0)
-    b = _np_param(bias, p, 0.0)
-    mean, rstd = cpu.forward(x3, G, w, b, eps, act, y3, p.cl)
+    y, p, x, x3, w, b, mean, rstd = _cpu_run(x, G, weight, bias, eps, act)
+    if x3 is None:
+        return y, None
     return y, CpuSaved(p, x.dtype, x.stride(), x3, mean, rstd, w, b)
 
 
@@ -296,12 +294,9 @@ def cpu_saved_stats(s: CpuSaved) -> tuple[Tensor, Tensor]:
     return _to_torch(s.mean), _to_torch(s.rstd)
 
 
-_PARAM_GRAD_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
-
-
-def cpu_backward_saved(dy: Tensor, s: CpuSaved, act: int, weight_dtype, bias_dtype):
-    """(dx, dweight, dbias) from a ``cpu_forward_saved``; dweight/dbias in the given torch
-    dtypes (None: not needed, None returned)."""
+def _cpu_dx(dy: Tensor, s: CpuSaved, act: int):
+    """(dx, float64 dweight_per_sample, dbias_per_sample): the backward kernel, dy taken in
+    x's dtype and layout."""
     p = s.plan
     if dy.requires_grad:
         dy = dy.detach()
@@ -310,6 +305,16 @@ def cpu_backward_saved(dy: Tensor, s: CpuSaved, act: int, weight_dtype, bias_dty
     dx, dx3 = _cpu_out(p, s.dtype)
     dw_n, db_n = cpu.backward(_np3(dy, p), s.x3, s.mean, s.rstd, s.weight, s.bias, act, dx3,
                               p.cl)
+    return dx, dw_n, db_n
+
+
+_PARAM_GRAD_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def cpu_backward_saved(dy: Tensor, s: CpuSaved, act: int, weight_dtype, bias_dtype):
+    """(dx, dweight, dbias) from a ``cpu_forward_saved``; dweight/dbias in the given torch
+    dtypes (None: not needed, None returned)."""
+    dx, dw_n, db_n = _cpu_dx(dy, s, act)
     if weight_dtype is None and bias_dtype is None:
         return dx, None, None
     wdt, bdt = weight_dtype or bias_dtype, bias_dtype or weight_dtype
