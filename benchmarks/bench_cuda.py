@@ -133,6 +133,15 @@ def _err(got, want):
 TOL = {"float16": (1e-2, 3e-2), "bfloat16": (2e-2, 6e-2), "float32": (1e-5, 1e-4)}
 
 
+def _sums_match(per_sample, total):
+    """total is the float32 sum over n of per_sample, in order of n. torch's sum takes
+    another order, so the two agree to float32 rounding of the terms' magnitudes, not of
+    the (possibly cancelling) result: on an H100 at N=8, rtol=1e-5 flagged 30 of 120 rows."""
+    n = per_sample.shape[0]
+    diff = (per_sample.double().sum(0) - total.double()).abs()
+    return bool((diff <= n * 2.0 ** -23 * per_sample.double().abs().sum(0) + 1e-30).all())
+
+
 def check(torch, launch, x, G, act, dtype_name):
     """Correctness, determinism and in-place for one case; returns a dict of results."""
     C = x.shape[1]
@@ -154,8 +163,7 @@ def check(torch, launch, x, G, act, dtype_name):
     call2 = Call(torch, launch, xi, G, w, b, act)
     call2.forward(out=xi)  # in place
     inplace = torch.equal(xi, first[0])
-    per_sample = (torch.allclose(call.dwn.sum(0), call.dw, rtol=1e-5, atol=1e-6) and
-                  torch.allclose(call.dbn.sum(0), call.db, rtol=1e-5, atol=1e-6))
+    per_sample = _sums_match(call.dwn, call.dw) and _sums_match(call.dbn, call.db)
     return dict(errors=errs, ok=ok, bit_identical=repeat, in_place=inplace,
                 per_sample_sums=per_sample), call
 

@@ -24,6 +24,8 @@ def is_cuda_array(x) -> bool:
     ``__cuda_array_interface__``) and anything with ``__cuda_array_interface__``."""
     if isinstance(x, np.ndarray):
         return False
+    if getattr(x, "is_cuda", None) is True:  # torch: cheaper than evaluating the interface
+        return True
     if getattr(x, "__cuda_ndarray__", False):
         return True
     try:

@@ -106,7 +106,7 @@ def test_numba_bfloat16_arrays_keep_their_dtype():
     d = launch.DevArray(a, "x")
     assert (d.dtype, d.layout) == (bf16, launch.NCHW)
     flat = d.flat()
-    assert (flat.shape, flat.dtype) == ((24,), bf16)
+    assert flat == launch.Flat(1 << 20, 24, bf16)
     cl = DeviceNDArray((2, 3, 4), (24, 2, 6), bf16, gpu_data=_FakeMemory())  # channels-last
     assert launch.DevArray(cl, "x").layout == launch.CL
 
@@ -135,3 +135,50 @@ def test_launcher_cached_and_grid_warning_silenced():
         for i in range(3):
             launch._launch(ks, "k", 4, 256, 0, i)
     assert configured == [(4, 256, 0)] and calls == [(0,), (1,), (2,)]
+
+
+def _numba_params(ty, val):
+    """What Numba's own launch path passes to the driver for one argument."""
+    from numba.cuda.dispatcher import _Kernel
+
+    kernel = type("K", (), {"extensions": [], "_prepare_args": _Kernel._prepare_args})()
+    out = []
+    kernel._prepare_args(ty, val, 0, [], out)
+    return out
+
+
+@pytest.mark.parametrize("value", [
+    "flat float32", "flat float16", "flat bfloat16", 7, -3, True, False, 1.5,
+    "float32 scalar", (4, -20, 3)], ids=str)
+def test_direct_launch_packs_arguments_as_numba_does(value):
+    """The direct launch (``launch._launch`` on a GPU) packs each argument kind exactly as
+    Numba's ``_Kernel._prepare_args`` does for the type it infers, and infers that type."""
+    import numpy as np
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    from numba.cuda.typing.typeof import Purpose, typeof
+
+    if isinstance(value, str) and value.startswith("flat"):
+        dtype = np.dtype(launch.BFLOAT16 if "bfloat16" in value else value.split()[1])
+        numba_value = DeviceNDArray((24,), (dtype.itemsize,), dtype, gpu_data=_FakeMemory())
+        value = launch.DevArray(numba_value, "x").flat()
+    elif value == "float32 scalar":
+        value = numba_value = np.float32(0.25)
+    else:
+        numba_value = value
+    packer, ty = launch._packer(value)
+    assert ty == typeof(numba_value, Purpose.argument)
+    got = []
+    packer(got, value)
+    want = _numba_params(ty, numba_value)
+    assert [type(v) for v in got] == [type(v) for v in want]
+    assert [getattr(v, "value", v) for v in got] == [getattr(v, "value", v) for v in want]
+
+
+def test_direct_launch_leaves_other_arguments_to_numba():
+    """A Numba device array (not a ``Flat`` view) has no direct packing: that launch goes
+    through Numba's configured launcher."""
+    import numpy as np
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    a = DeviceNDArray((24,), (4,), np.dtype(np.float32), gpu_data=_FakeMemory())
+    assert launch._packer(a) == (None, None)

@@ -154,8 +154,8 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         return s_n[0], s_m[0], s_q[0]
 
     @_device
-    def group_stats(x, part, n, S, C, G, nsp, tpg, TC, eps, writer, mean, rstd, s_mu, s_r,
-                    s_n, s_m, s_q):
+    def group_stats(shift, part, n, S, C, G, nsp, tpg, TC, eps, writer, mean, rstd, s_mu,
+                    s_r, s_n, s_m, s_q):
         """Channels-last: mean and rstd of every group that channel tile blockIdx.y touches,
         into s_mu[gi], s_r[gi] (gi = group - first group of the tile), from fwd_stats_cl's
         partials. Each group is merged by a team of W = 32 lanes (lane l merges the partials
@@ -200,7 +200,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
                 cuda.syncthreads()
                 stride //= 2
             if lane == 0 and gi < ngr:
-                mg = s_m[tid] + acc(x[n * S * C + g * Cg])  # the shift of fwd_stats_cl
+                mg = s_m[tid] + shift[ng]  # fwd_stats_cl's shift
                 rg = acc(1) / math.sqrt(s_q[tid] / s_n[tid] + eps)
                 s_mu[gi] = mg
                 s_r[gi] = rg
@@ -298,12 +298,13 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
                 c += 1
 
     @cuda.jit
-    def fwd_stats_nchw(x, D, chunk, nchunks, part):
+    def fwd_stats_nchw(x, D, chunk, nchunks, part, shift):
         """grid (N*G*nchunks,), block (T,). Partial (count, mean, M2) of elements
         [k*chunk, (k+1)*chunk) of group ng, written to part[ng, k, :]. Values are taken
         relative to the group's first element kg: the partials' means are then small
         numbers whose float32 rounding is relative to the spread of the data, not to its
-        offset (the apply kernel adds kg back once)."""
+        offset (the apply kernel adds kg back once, read from ``shift[ng]``: in place, x's
+        first element may already hold y by then)."""
         s_n = cuda.shared.array(T, acc)
         s_m = cuda.shared.array(T, acc)
         s_q = cuda.shared.array(T, acc)
@@ -350,9 +351,11 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
             part[o] = cnt
             part[o + 1] = mu
             part[o + 2] = m2
+            if kk == 0:
+                shift[ng] = kg
 
     @cuda.jit
-    def fwd_stats_cl(x, S, C, G, spos, nsb, tpg, part):
+    def fwd_stats_cl(x, S, C, G, spos, nsb, tpg, part, shift):
         """grid (N*nsb, ceil(C/TC)), block (TC, TS). Thread column tx owns channel c of the
         tile and walks spatial positions [kk*spos, (kk+1)*spos) with stride TS (loads are
         coalesced along C), relative to its group's first element as in fwd_stats_nchw;
@@ -378,6 +381,8 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         m2 = acc(0)
         if c < C:
             kg = acc(x[n * S * C + (c // Cg) * Cg])
+            if kk == 0 and ty == 0 and c % Cg == 0:
+                shift[n * G + c // Cg] = kg  # for the apply (x may be overwritten in place)
             m = min(spos, S - kk * spos)
             o0 = (n * S + kk * spos) * C + c
             xb = x[o0:o0 + (m - 1) * C + 1]
@@ -441,8 +446,8 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
                 part[o + 2] = pq
 
     @cuda.jit
-    def fwd_apply_nchw(x, part, L, D, C, G, S, colchunk, eps, mean, rstd, w, b, has_w, has_b,
-                       y):
+    def fwd_apply_nchw(x, part, shift, L, D, C, G, S, colchunk, eps, mean, rstd, w, b, has_w,
+                       has_b, y):
         """grid (N*C, ceil(S/colchunk)), block (<= T,). One (n, c) row slice per block. The
         block first merges the L partials of its group (same loop and tree in every block of
         the group, so each gets the same bits; the first block of the group writes mean/rstd): no
@@ -465,7 +470,7 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
             cnt, mu, m2 = merge(cnt, mu, m2, part[o], part[o + 1], part[o + 2])
         cnt, mu, m2 = block_merge(cuda.threadIdx.x, cuda.blockDim.x, cnt, mu, m2, s_n, s_m,
                                   s_q)
-        mu += acc(x[ng * D])  # the shift of fwd_stats_nchw
+        mu += shift[ng]  # fwd_stats_nchw's shift (x[ng * D] may already be y in place)
         r = acc(1) / math.sqrt(m2 / cnt + eps)
         if cuda.threadIdx.x == 0 and cuda.blockIdx.y == 0 and c % Cg == 0:
             mean[ng] = mu
@@ -490,8 +495,8 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
     # (25% occupancy); capped at 64 (50%), its spills stay in the prologue: the streaming
     # loops have no local-memory access (tests/test_cuda_ptx.py checks the SASS).
     @_jit(launch_bounds=(T, 4) if T == 256 else None)
-    def fwd_apply_cl(x, part, S, C, G, spos, nsb, nsp, tpg, eps, mean, rstd, w, b, has_w,
-                     has_b, y):
+    def fwd_apply_cl(x, part, shift, S, C, G, spos, nsb, nsp, tpg, eps, mean, rstd, w, b,
+                     has_w, has_b, y):
         """grid (N*nsb, ceil(C/TC)), block (TC, TS). Prologue: the block merges the
         partials of every group its channel tile touches (``group_stats``; the block that
         holds a group's first channel at spatial block 0 writes mean/rstd): no separate
@@ -512,8 +517,8 @@ def build(threads: int, items: int, fused_items: int, flush: int, acc_name: str,
         Cg = C // G
         c0 = cuda.blockIdx.y * TC
         g0 = c0 // Cg
-        group_stats(x, part, n, S, C, G, nsp, tpg, TC, eps, kk == 0, mean, rstd, s_mu, s_r,
-                    s_n, s_m, s_q)
+        group_stats(shift, part, n, S, C, G, nsp, tpg, TC, eps, kk == 0, mean, rstd, s_mu,
+                    s_r, s_n, s_m, s_q)
         c = c0 + cuda.threadIdx.x
         if c < C:
             gi = c // Cg - g0
@@ -959,10 +964,10 @@ def signatures(dtype_name: str, out_name: str | None = None):
     i, f, bo = types.int64, acc, types.boolean
     return {
         "fwd_fused_nchw": (v, i, i, i, i, f, v, v, bo, bo, v, st, st),
-        "fwd_stats_nchw": (v, i, i, i, st),
-        "fwd_stats_cl": (v, i, i, i, i, i, i, st),
-        "fwd_apply_nchw": (v, st, i, i, i, i, i, i, f, st, st, v, v, bo, bo, v),
-        "fwd_apply_cl": (v, st, i, i, i, i, i, i, i, f, st, st, v, v, bo, bo, v),
+        "fwd_stats_nchw": (v, i, i, i, st, st),
+        "fwd_stats_cl": (v, i, i, i, i, i, i, st, st),
+        "fwd_apply_nchw": (v, st, st, i, i, i, i, i, i, f, st, st, v, v, bo, bo, v),
+        "fwd_apply_cl": (v, st, st, i, i, i, i, i, i, i, f, st, st, v, v, bo, bo, v),
         "fill_stats": (st, st, f),
         "bwd_fused_nchw": (v, v, i, i, i, i, i, st, st, v, v, bo, bo, bo, v, st, st),
         "bwd_params": (i, i, st, st, o, o, bo, bo),

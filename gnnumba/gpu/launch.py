@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import functools
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
@@ -55,12 +57,32 @@ else:
 is_device_array = _checks.is_cuda_array  # Numba device arrays (real or simulated), CAI objects
 
 
+class Flat(NamedTuple):
+    """A 1-D C-contiguous device array by address, the form every array argument of a kernel
+    takes on a GPU: building a Numba device array per argument and call cost ~12 us, and
+    Numba's per-launch argument marshalling as much again (see ``_launch``)."""
+
+    ptr: int
+    size: int
+    dtype: np.dtype
+
+
+# torch tensors are read through their own accessors (a few hundred ns) rather than their
+# __cuda_array_interface__ property (~9 us, and no bfloat16 before torch 2.11)
+_TORCH_DTYPES = {"torch.float16": np.dtype(np.float16), "torch.float32": np.dtype(np.float32),
+                 "torch.float64": np.dtype(np.float64)}
+if BFLOAT16 is not None:
+    _TORCH_DTYPES["torch.bfloat16"] = np.dtype(BFLOAT16)
+
+
 class DevArray:
-    """Shape, dtype, element strides and layout of a CUDA array, plus flat views of it."""
+    """Shape, dtype, element strides, layout and address of a CUDA array, plus flat views
+    of it."""
 
     def __init__(self, obj, name):
         self.obj = obj
         self.name = name
+        self.desc = None
         if SIMULATOR:
             if not isinstance(obj, FakeCUDAArray):
                 raise TypeError(f"{name} must be a CUDA device array (numba.cuda.to_device), "
@@ -70,7 +92,11 @@ class DevArray:
             self.shape = tuple(host.shape)
             self.dtype = host.dtype
             self.strides = tuple(s // host.itemsize for s in host.strides)
-            self.desc = None
+        elif getattr(obj, "is_cuda", None) is True and str(obj.dtype) in _TORCH_DTYPES:
+            self.shape = tuple(obj.shape)
+            self.dtype = _TORCH_DTYPES[str(obj.dtype)]
+            self.strides = tuple(obj.stride())
+            self.ptr = obj.data_ptr()
         else:
             try:
                 desc = obj.__cuda_array_interface__
@@ -78,10 +104,11 @@ class DevArray:
                 raise TypeError(f"{name} must be a CUDA array (a Numba device array or an "
                                 f"object with __cuda_array_interface__), got "
                                 f"{type(obj).__name__}") from None
-            except TypeError as e:  # torch: bfloat16 has no CUDA-array-interface typestr
+            except TypeError as e:  # torch before 2.11: no interface typestr for bfloat16
                 raise TypeError(_bf16_message(name, e)) from None
             self.desc = desc
             self.shape = tuple(desc["shape"])
+            self.ptr = desc["data"][0]
             # A Numba device array knows its dtype; the interface's typestr does not say
             # bfloat16 (ml_dtypes' is "<V2", a void type)
             numba_array = isinstance(obj, DeviceNDArray)
@@ -99,7 +126,8 @@ class DevArray:
         self.layout = _layout(self.shape, self.strides)
 
     def flat(self):
-        """1-D device array over the elements in memory order; layout must be nchw/cl."""
+        """1-D view over the elements in memory order (``Flat``; a simulated device array
+        in the simulator); layout must be nchw/cl."""
         if self.layout is None:
             raise ValueError(f"{self.name} is neither C-contiguous nor channels-last")
         if SIMULATOR:
@@ -107,24 +135,14 @@ class DevArray:
             v = a.view()
             v.shape = (self.size,)  # raises instead of copying: outputs must be views
             return FakeCUDAArray(v)
-        if isinstance(self.obj, DeviceNDArray):  # same memory, no interface round trip
-            return DeviceNDArray((self.size,), (self.dtype.itemsize,), self.dtype,
-                                 gpu_data=self.obj.gpu_data)
-        desc = dict(self.desc, shape=(self.size,), strides=None)
-        desc.pop("stream", None)  # ordered by the caller's stream: no host sync
-        desc.pop("mask", None)
-        return cuda.from_cuda_array_interface(desc, owner=self.obj, sync=False)
+        return Flat(self.ptr, self.size, self.dtype)
 
     def span(self):
-        """(1-D array over the whole memory span, offset of element 0) for strided_copy."""
+        """(1-D view over the whole memory span, offset of element 0) for strided_copy."""
         lo = sum(min(0, (n - 1) * s) for n, s in zip(self.shape, self.strides))
         hi = sum(max(0, (n - 1) * s) for n, s in zip(self.shape, self.strides))
-        desc = dict(self.desc, shape=(hi - lo + 1,), strides=None)
-        desc.pop("stream", None)
-        desc.pop("mask", None)
-        ptr, ro = desc["data"]
-        desc["data"] = (ptr + lo * self.dtype.itemsize, ro)
-        return cuda.from_cuda_array_interface(desc, owner=self.obj, sync=False), -lo
+        return Flat(self.ptr + lo * self.dtype.itemsize, hi - lo + 1, self.dtype), -lo
+
 
 
 def _bf16_message(name, err):
@@ -182,16 +200,22 @@ def workspace_allocator(alloc):
 
 
 def device_array(shape, dtype, stream=0):
-    """A C-contiguous device array from the current workspace allocator (Numba's if none)."""
+    """A C-contiguous device array from the current workspace allocator (Numba's if none):
+    whatever CUDA array the allocator returns (``DevArray`` reads it)."""
     alloc = _ALLOCATOR.get()
     if alloc is None:
         return cuda.device_array(shape, dtype=dtype, stream=stream)
     a = alloc(tuple(shape) if isinstance(shape, tuple) else (shape,), np.dtype(dtype))
-    if getattr(a, "__cuda_ndarray__", False):
-        return a
-    if SIMULATOR:  # the simulator's "device" memory is host memory (tests hand torch CPU tensors)
-        return FakeCUDAArray(np.asarray(a))
-    return cuda.as_cuda_array(a, sync=False)
+    if SIMULATOR and not getattr(a, "__cuda_ndarray__", False):
+        return FakeCUDAArray(np.asarray(a))  # simulated device memory is host memory
+    return a
+
+
+def _workspace(n, dtype, stream):
+    """(owner, flat view) of a new 1-D workspace; the owner keeps it alive while the
+    kernels that use it are enqueued."""
+    a = device_array(n, dtype, stream)
+    return a, DevArray(a, "workspace").flat()
 
 
 def empty(shape, dtype, layout, stream=0):
@@ -202,6 +226,8 @@ def empty(shape, dtype, layout, stream=0):
     base = device_array(mem_shape, dtype, stream)
     if SIMULATOR:
         return FakeCUDAArray(np.moveaxis(base._ary, -1, 1))
+    if not isinstance(base, DeviceNDArray):  # an allocator's array (rare: odd-stride copies)
+        base = cuda.as_cuda_array(base, sync=False)
     s = base.strides
     strides = (s[0], s[-1]) + tuple(s[1:-1])
     return DeviceNDArray(shape, strides, np.dtype(dtype), stream=stream, gpu_data=base.gpu_data)
@@ -260,13 +286,38 @@ def items(dtype) -> int:
     return config.ITEMS * (2 if np.dtype(dtype).itemsize == 2 else 1)
 
 
+_KERNEL_SETS: dict = {}
+
+
 def _kernels(dtype, activation):
-    acc = _checks.accumulation_dtype(dtype).name
-    return kernels.build(_threads(), items(dtype), config.FUSED_ITEMS, config.FLUSH, acc,
-                         activations.code(activation))
+    """The compiled kernel set for x's dtype and the activation (memoised: resolving it
+    cost ~5 us of dtype and config arithmetic per call)."""
+    key = (dtype, activation, _config_key())
+    ks = _KERNEL_SETS.get(key)
+    if ks is None:
+        acc = _checks.accumulation_dtype(dtype).name
+        ks = _KERNEL_SETS[key] = kernels.build(_threads(), items(dtype), config.FUSED_ITEMS,
+                                               config.FLUSH, acc, activations.code(activation))
+    return ks
 
 
-_SM_COUNTS: dict = {}
+_DEVICES: dict = {}  # device ordinal -> (SM count, compute capability)
+
+
+def _device_info():
+    """(SM count, compute capability) of the current device, cached per device: asking
+    Numba for the current device costs ~4 us per call, the driver for its ordinal ~0.3."""
+    from cuda.bindings import driver as drv
+
+    err, dev = drv.cuCtxGetDevice()
+    key = int(dev) if err == drv.CUresult.CUDA_SUCCESS else None
+    info = _DEVICES.get(key)
+    if info is None:
+        d = cuda.get_current_device()  # makes a context current where none is
+        info = (int(d.MULTIPROCESSOR_COUNT), tuple(d.compute_capability))
+        if key is not None:
+            _DEVICES[key] = info
+    return info
 
 
 def sm_count() -> int:
@@ -274,11 +325,7 @@ def sm_count() -> int:
     ``config.FALLBACK_SM_COUNT`` in the simulator."""
     if SIMULATOR:
         return config.FALLBACK_SM_COUNT
-    dev = cuda.get_current_device()
-    n = _SM_COUNTS.get(dev.id)
-    if n is None:
-        n = _SM_COUNTS[dev.id] = int(dev.MULTIPROCESSOR_COUNT)
-    return n
+    return _device_info()[0]
 
 
 def _cdiv(a, b):
@@ -403,26 +450,121 @@ _CONFIGURED: dict = {}
 
 
 def _launch(ks, name, grid, block, stream, *args):
-    """The one place kernels are enqueued (tests count launches here). On a GPU the
-    configured launcher is cached per (kernel, grid, block, stream): Numba builds its launch
-    configuration (and checks the grid size) once, and its "grid size < 128 blocks" warning,
-    meant for beginners' one-block grids, is not repeated on every call."""
+    """The one place kernels are enqueued (tests count launches here).
+
+    On a GPU, array arguments are ``Flat`` views and the launch bypasses Numba's dispatcher:
+    the kernel is compiled (or loaded) once per (kernel, grid, block, stream, argument
+    types), and each call packs the arguments exactly as Numba's ``_Kernel._prepare_args``
+    does (an array is meminfo, parent, size, itemsize, data, shape, strides) and enqueues
+    with ``cuda.core.launch``. Numba's own path typed and marshalled every argument (~3.5 us
+    each) and warned about grids of < 128 blocks on every call. Anything else (a Numba device
+    array) goes through Numba's configured launcher."""
     kernel = getattr(ks, name)
     if SIMULATOR:  # the simulator's kernel[...] mutates the kernel: nothing to cache
         kernel[grid, block, stream](*args)
         return
-    key = (id(kernel), grid, block, id(stream) if not isinstance(stream, int) else stream)
-    launcher = _CONFIGURED.get(key)
-    if launcher is None:
+    kinds = tuple(a.dtype if type(a) is Flat else len(a) if type(a) is tuple else type(a)
+                  for a in args)
+    key = (id(kernel), grid, block, id(stream) if not isinstance(stream, int) else stream,
+           kinds)
+    entry = _CONFIGURED.get(key)
+    if entry is None:
         if len(_CONFIGURED) > 4096:
             _CONFIGURED.clear()
+        entry = _CONFIGURED[key] = _configure(kernel, grid, block, stream, args)
+    entry(args)
+
+
+class _Direct:
+    """A compiled kernel bound to its launch configuration, launched with packed args."""
+
+    def __init__(self, compiled, config, stream, packers, keep):
+        self.compiled, self.config, self.stream = compiled, config, stream
+        self.packers, self.keep = packers, keep
+        self.functions = {}  # context handle -> loaded kernel
+
+    def __call__(self, args):
+        params = []
+        for pack, a in zip(self.packers, args):
+            pack(params, a)
+        _core_launch(self.stream, self.config, self._function(), *params)
+
+    def _function(self):
+        """The kernel loaded in the current context (Numba's lookup cost ~5 us; the
+        driver's current context ~0.5)."""
+        from cuda.bindings import driver as drv
+
+        ctx = int(drv.cuCtxGetCurrent()[1])
+        f = self.functions.get(ctx)
+        if f is None:
+            f = self.functions[ctx] = self.compiled._codelibrary.get_cufunc().kernel
+        return f
+
+
+class _ViaNumba:
+    """Numba's configured launcher (built once: its grid-size warning is silenced)."""
+
+    def __init__(self, kernel, grid, block, stream):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NumbaPerformanceWarning)
-            launcher = kernel[grid, block, stream]
-        _CONFIGURED[key] = (launcher, stream)  # the stream is kept alive with its id
-    else:
-        launcher = launcher[0]
-    launcher(*args)
+            self.launcher = kernel[grid, block, stream]
+        self.stream = stream  # kept alive: the cache key holds its id
+
+    def __call__(self, args):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaPerformanceWarning)
+            self.launcher(*args)
+
+
+def _configure(kernel, grid, block, stream, args):
+    packers, argtypes = [], []
+    for a in args:
+        packer, ty = _packer(a)
+        if packer is None or not hasattr(kernel, "compile"):
+            return _ViaNumba(kernel, grid, block, stream)
+        packers.append(packer)
+        argtypes.append(ty)
+    from cuda.core import LaunchConfig
+
+    from numba.cuda.cudadrv.driver import _to_core_stream
+
+    compiled = kernel.compile(tuple(argtypes))
+    return _Direct(compiled, LaunchConfig(grid=grid, block=block), _to_core_stream(stream),
+                   packers, stream)
+
+
+def _pack_flat(params, a):
+    item = a.dtype.itemsize
+    params += (0, 0, a.size, item, a.ptr, a.size, item)  # meminfo, parent, ..., shape, strides
+
+
+def _packer(a):
+    """(packer, Numba type) for one kernel argument, or (None, None) if not handled here."""
+    from numba.cuda import types
+    from numba.cuda.np import numpy_support
+
+    t = type(a)
+    if t is Flat:
+        return _pack_flat, types.Array(numpy_support.from_dtype(a.dtype), 1, "C")
+    if t is bool or t is np.bool_:
+        return (lambda params, v: params.append(bool(v))), types.boolean
+    if t is int or t is np.int64:
+        return (lambda params, v: params.append(ctypes.c_int64(v))), types.int64
+    if t is np.float32:
+        return (lambda params, v: params.append(ctypes.c_float(v))), types.float32
+    if t is float or t is np.float64:
+        return (lambda params, v: params.append(ctypes.c_double(v))), types.float64
+    if t is tuple and all(type(v) is int for v in a):
+        def pack(params, v):
+            params += [ctypes.c_int64(i) for i in v]
+        return pack, types.UniTuple(types.int64, len(a))
+    return None, None
+
+
+def _core_launch(stream, config, kernel, *params):
+    from cuda.core import launch
+
+    launch(stream, config, kernel, *params)
 
 
 # --------------------------------------------------------------------------- validation
@@ -462,7 +604,7 @@ def check_x(x):
     _checks.check_dtype(xa.dtype, DTYPES, "x")
     _checks.check_ndim(xa.shape)
     if BFLOAT16 is not None and xa.dtype == BFLOAT16 and not SIMULATOR:
-        cc = cuda.get_current_device().compute_capability
+        cc = _device_info()[1]
         if cc < (8, 0):
             raise TypeError(f"bfloat16 needs a GPU of compute capability 8.0 or newer, this "
                             f"one is {cc[0]}.{cc[1]}; cast x to float32 (x.astype(np.float32))")
@@ -577,14 +719,17 @@ def _forward(xa, G, wa, ba, eps, activation, ya, ma, ra, st):
     e = accd(eps)
     steps, nparts = forward_plan(N, C, S, G, xa.layout, sm_count(), _config_key(),
                                  items(xa.dtype))
-    part = device_array(nparts, accd, st) if nparts else None
+    owner, part = _workspace(nparts, accd, st) if nparts else (None, None)
+    # the group's shift (its first element, in the accumulation type), from the statistics
+    # kernel to the apply: x itself may be overwritten by then (in place)
+    shift_owner, shift = _workspace(N * G, accd, st) if nparts else (None, None)
     for name, grid, block, dims in steps:
         if name == "fwd_fused_nchw":
             args = (x, *dims, e, w, b, hw, hb, y, mean, rstd)
         elif name.startswith("fwd_stats"):
-            args = (x, *dims, part)
+            args = (x, *dims, part, shift)
         else:  # fwd_apply_*: merges the partials itself
-            args = (x, part, *dims, e, mean, rstd, w, b, hw, hb, y)
+            args = (x, part, shift, *dims, e, mean, rstd, w, b, hw, hb, y)
         _launch(ks, name, grid, block, st, *args)
 
 
@@ -723,8 +868,8 @@ def _backward(dya, xa, ma, ra, G, wa, ba, activation, dxa, pw, pb, gw, gb, st):
         return
     (sums, sgrid, sblock, sdims), (fin, fgrid, fblock, fdims), (dxk, dgrid, dblock, ddims) = \
         steps
-    p = device_array(nparts, accd, st)
-    coef = device_array(2 * N * G, accd, st)
+    p_owner, p = _workspace(nparts, accd, st)
+    coef_owner, coef = _workspace(2 * N * G, accd, st)
     _launch(ks, sums, sgrid, sblock, st, dy, x, *sdims, mean, rstd, w, b, hw, hb, p)
     _launch(ks, fin, fgrid, fblock, st, p, *fdims, rstd, w, hw, dwn, dbn, coef)
     if dxa is None:

@@ -31,14 +31,33 @@ TOL = {np.float16: 2e-2, np.float32: 1e-4, np.float64: 1e-10}
 
 
 def _device(a, channels_last):
+    if not channels_last:
+        return _to_device(a)
+    out = launch.empty(a.shape, a.dtype, launch.CL)
+    launch.copy_into(launch.DevArray(_to_device(a), "a"), launch.DevArray(out, "out"))
+    return out
+
+
+def _is_bf16(dtype):
+    return launch.BFLOAT16 is not None and dtype == launch.BFLOAT16 and not launch.SIMULATOR
+
+
+def _to_device(a):
+    """cuda.to_device, also for ml_dtypes.bfloat16, which Numba's host copies (the buffer
+    protocol) cannot read: its bits travel as uint16."""
     from numba import cuda
 
-    if not channels_last:
-        return cuda.to_device(np.ascontiguousarray(a))
-    out = launch.empty(a.shape, a.dtype, launch.CL)
-    launch.copy_into(launch.DevArray(cuda.to_device(np.ascontiguousarray(a)), "a"),
-                     launch.DevArray(out, "out"))
-    return out
+    a = np.ascontiguousarray(a)
+    if _is_bf16(a.dtype):
+        return cuda.to_device(a.view(np.uint16)).view(launch.BFLOAT16)
+    return cuda.to_device(a)
+
+
+def to_host(d):
+    """copy_to_host, also for device arrays of ml_dtypes.bfloat16 (see ``_to_device``)."""
+    if _is_bf16(d.dtype):
+        return d.view(np.uint16).copy_to_host().view(launch.BFLOAT16)
+    return d.copy_to_host()
 
 
 def check_case(shape, G, dtype, channels_last, activation, seed=0):
@@ -65,7 +84,7 @@ def check_case(shape, G, dtype, channels_last, activation, seed=0):
     dxr, dwr, dbr, _, _ = reference_backward(dy, x, G, w, b, 1e-5, activation)
     got = [y, mean, rstd, dx, dw, db]
     want = [yr, mr, rr, dxr, dwr, dbr]
-    return [float(np.max(np.abs(g.copy_to_host().astype(np.float64) - r))
+    return [float(np.max(np.abs(to_host(g).astype(np.float64) - r))
                   / max(1.0, float(np.max(np.abs(r))))) for g, r in zip(got, want)]
 
 

@@ -84,20 +84,19 @@ def _capability(index) -> tuple:
 
 
 def _cuda_array(t: Tensor):
-    """What launch_* take for a tensor: the tensor itself (``__cuda_array_interface__``), or,
-    for bfloat16, a zero-copy Numba array of ``ml_dtypes.bfloat16`` over its bits."""
+    """What launch_* take for a tensor: the tensor itself (``launch.DevArray`` reads its
+    address, strides and dtype, bfloat16 included, through torch's accessors). In the
+    simulator (tests, CPU tensors standing in for CUDA ones) a bfloat16 tensor becomes a
+    simulated array of ``ml_dtypes.bfloat16`` over its bits."""
     if t.dtype is not torch.bfloat16:
         return t
     from ..gpu import launch
 
-    bits = t.view(torch.int16)
-    if getattr(launch, "SIMULATOR", False):  # tests: CPU tensors stand in for CUDA ones
+    if getattr(launch, "SIMULATOR", False):
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
-        return FakeCUDAArray(bits.numpy().view(launch.BFLOAT16))
-    from numba import cuda
-
-    return cuda.as_cuda_array(bits, sync=False).view(launch.BFLOAT16)
+        return FakeCUDAArray(t.view(torch.int16).numpy().view(launch.BFLOAT16))
+    return t
 
 
 def forward(x: Tensor, G: int, weight, bias, eps: float, act: int):
