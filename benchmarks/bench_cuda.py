@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 
@@ -244,13 +245,74 @@ def huge(torch, launch):
     return worst
 
 
+def _machine(torch, launch):
+    import numba
+    import numba_cuda
+
+    return dict(device=torch.cuda.get_device_name(), sms=launch.sm_count(),
+                torch=torch.__version__, cuda=torch.version.cuda, numba=numba.__version__,
+                numba_cuda=numba_cuda.__version__, python=sys.version.split()[0])
+
+
+def _geomean(values):
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def table(report) -> str:
+    """README's table of a ``--json`` run: forward time per shape and layout, float16 and
+    float32 without activation, graphed (GPU time alone) and eager (with the host path), as
+    ratios to torch; and a summary line over every row of the run."""
+    rows = report["rows"]
+    m = report["machine"]
+    us = lambda s: f"{s * 1e6:.1f}"  # noqa: E731
+    by = {(r["shape"], r["dtype"], r["layout"]): r for r in rows if r["act"] is None}
+    out = [
+        f"Measured on: {m['device']} ({m['sms']} SMs), torch {m['torch']} (CUDA {m['cuda']}), "
+        f"Numba {m['numba']}, numba-cuda {m['numba_cuda']}, Python {m['python']}; "
+        f"`python benchmarks/bench_cuda.py`, CUDA events, medians of interleaved repeats. "
+        f"*graphed*: replayed from a CUDA graph, the GPU time alone; *eager*: one call as a "
+        f"program makes it, host path included. Ratio = torch's time / gnnumba's.",
+        "",
+        "| shape | layout | float16 graphed: gnnumba | torch | ratio | float32 graphed: "
+        "gnnumba | torch | ratio | float32 eager: gnnumba | torch | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label in dict.fromkeys(r["shape"] for r in rows):
+        for layout in ("nchw", "channels_last"):
+            h, f = by.get((label, "float16", layout)), by.get((label, "float32", layout))
+            if h is None or f is None:
+                continue
+            out.append(
+                f"| {label} | {layout} | {us(h['fwd_graph_s'])} µs | "
+                f"{us(h['torch_fwd_graph_s'])} µs | "
+                f"{h['torch_fwd_graph_s'] / h['fwd_graph_s']:.2f}× | "
+                f"{us(f['fwd_graph_s'])} µs | {us(f['torch_fwd_graph_s'])} µs | "
+                f"{f['torch_fwd_graph_s'] / f['fwd_graph_s']:.2f}× | {us(f['fwd_s'])} µs | "
+                f"{us(f['torch_fwd_s'])} µs | {f['torch_fwd_s'] / f['fwd_s']:.2f}× |")
+    good = sum(r["ok"] and r["bit_identical"] and r["in_place"] and r["per_sample_sums"]
+               for r in rows)
+    out += ["", f"Over all {len(rows)} rows of the run (float16, bfloat16, float32; both "
+            f"layouts; SiLU on and off): geometric mean ratio graphed "
+            f"{_geomean([r['torch_fwd_graph_s'] / r['fwd_graph_s'] for r in rows]):.2f}×, "
+            f"eager {_geomean([r['torch_fwd_s'] / r['fwd_s'] for r in rows]):.2f}×; "
+            f"{good} of {len(rows)} rows correct against float64, bit-identical on repeat and "
+            f"in place, per-sample gradients summing to dweight/dbias."]
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="three shapes")
     ap.add_argument("--skip-huge", action="store_true", help="skip the >2**31-element case")
     ap.add_argument("--json")
+    ap.add_argument("--table", metavar="JSON", help="print README's Markdown table from the "
+                    "output of a --json run, and exit (no GPU needed)")
     args = ap.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(table(json.load(f)), end="")
+        return 0
     env = _gpu()
     if env is None:
         return 0
@@ -303,7 +365,8 @@ def main(argv=None):
         print("  " + cmd)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
+            json.dump(dict(machine=_machine(torch, launch), rows=rows), f, indent=1,
+                      default=str)
     return 1 if failures else 0
 
 

@@ -359,3 +359,27 @@ def test_readme_standing_is_computed_from_the_rows():
     assert "through `gnnumba.torch`: 1.00× over the 2 model rows (nchw forward 1.00×; " \
            "1 rows at 0.95× or better), 3.00–3.00× on the DRAM rows" in text
     assert "through the NumPy API: 1.00× over the 2 model rows" in text
+
+
+def test_cuda_table_from_the_first_gpu_run():
+    """README's CUDA table is rendered from the committed H100 run (no GPU needed): one row
+    per shape and layout, ratios that follow from the stored times, and the correctness
+    summary over every row."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_cuda",
+                                                  ROOT / "benchmarks" / "bench_cuda.py")
+    bench_cuda = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_cuda)
+    path = ROOT / "benchmarks" / "results" / "cuda_h100.json"
+    report = json.loads(path.read_text())
+    text = bench_cuda.table(report)
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ") and "µs" in ln]
+    assert len(lines) == len(bench_cuda.SHAPES) * 2
+    first = next(r for r in report["rows"] if r["shape"] == lines[0].split(" | ")[0][2:]
+                 and r["dtype"] == "float16" and r["layout"] == "nchw" and r["act"] is None)
+    assert f"{first['torch_fwd_graph_s'] / first['fwd_graph_s']:.2f}×" in lines[0]
+    assert f"{len(report['rows'])} rows of the run" in text
+    assert report["machine"]["device"] in text
+    readme = (ROOT / "README.md").read_text()
+    assert text.strip() in readme  # README holds the rendered table, not a typed one
