@@ -105,6 +105,7 @@ CHECK_HALF = [
 CUDA_SIM = [
     Case("nchw split: 2 blocks per group", (2, 6, 5, 7), 3),
     Case("nchw fused: group on chip, silu", (2, 4, 3, 5), 2, activation="silu"),
+    Case("nchw split, short rows: 4 rows per apply block", (1, 16, 4, 4), 2),
     Case("channels-last: channel tiles x spatial chunks, relu", (2, 6, 4, 5), 3,
          layout="channels_last", activation="relu"),
     Case("channels-last 1-D, C > tile, silu", (1, 12, 9), 4, layout="channels_last",

@@ -297,8 +297,14 @@ def test_cuda_selftest_output_is_read_strictly(rc, stdout, stderr, status):
         assert "RecursionError" in o.detail
 
 
-def test_check_cuda_runs_the_selftest():
-    # on a GPU the kernels, elsewhere Numba's CUDA simulator
+def test_check_cuda_runs_the_selftest(monkeypatch):
+    """On a GPU the kernels, elsewhere Numba's CUDA simulator: the subprocess, its result
+    line and the report. Without a GPU only the first case runs (the simulator suite in
+    tests/test_cuda.py checks every case; all of them here took 26 s of CI)."""
+    if not check._gpu_present()[0]:
+        monkeypatch.setattr(check, "_CUDA_SCRIPT", check._CUDA_SCRIPT.replace(
+            "res = selftest.run()", "selftest.CASES = selftest.CASES[:1]\nres = selftest.run()"))
+        assert "CASES[:1]" in check._CUDA_SCRIPT
     o = check.check_cuda(timeout=600)
     if o.status == "unavailable":  # numba-cuda not installed
         pytest.skip(o.detail)

@@ -182,3 +182,20 @@ def test_direct_launch_leaves_other_arguments_to_numba():
 
     a = DeviceNDArray((24,), (4,), np.dtype(np.float32), gpu_data=_FakeMemory())
     assert launch._packer(a) == (None, None)
+
+
+@pytest.mark.parametrize("shape, G, R", [
+    ((8, 1280, 16 * 16), 32, 8),  # 40 channels per group, rows of 256: 8 rows (2048 elements)
+    ((8, 640, 32 * 32), 32, 2),
+    ((2, 320, 64 * 64), 32, 1),  # long rows are split into column chunks instead
+    ((2, 96, 33 * 33), 8, 1),  # rows of 1089: a second one would not fit
+])
+def test_apply_blocks_take_whole_short_rows_of_one_group(shape, G, R):
+    """The NCHW apply block merges its group's partials first: short rows share that merge,
+    R rows to a block, R dividing the group's channels so that a block never spans two
+    groups, and every row covered once."""
+    N, C, S = shape
+    steps, _ = launch.forward_plan(N, C, S, G, "nchw", 132, CFG, 4)
+    name, grid, _, dims = steps[-1]
+    assert name == "fwd_apply_nchw" and dims[-1] == R
+    assert (C // G) % R == 0 and grid[0] * R == N * C

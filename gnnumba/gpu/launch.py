@@ -379,6 +379,17 @@ def _cl_plan(N, S, C, T, K, elems_per_thread, target_blocks=0):
     return TC, TS, spos, _cdiv(S, spos), nct
 
 
+def _rows_per_block(Cg, S, bt, ncol):
+    """Whole rows of one group per apply block: the most that divides Cg and fits the
+    block's APPLY_ITEMS per thread (1 when rows are split into column chunks). Each apply
+    block merges its group's partials first; with one short row per block that merge was
+    most of the kernel."""
+    if ncol > 1:
+        return 1
+    limit = max(1, bt * config.APPLY_ITEMS // max(S, 1))
+    return max(r for r in range(1, min(Cg, limit) + 1) if Cg % r == 0)
+
+
 def _tiles_per_group(C, G, TC):
     """The most channel tiles of width TC that one group of C/G channels spans."""
     Cg = C // G
@@ -400,8 +411,9 @@ def forward_plan(N, C, S, G, layout, sms, cfg, K):
         chunk = _cdiv(_cdiv(D, want), T * K) * T * K
         nchunks = _cdiv(D, chunk)
         bt, colchunk, ncol = _row_plan(S, N * C, T, K)
+        R = _rows_per_block(Cg, S, bt, ncol)
         return [("fwd_stats_nchw", N * G * nchunks, T, (D, chunk, nchunks)),
-                ("fwd_apply_nchw", (N * C, ncol), bt, (nchunks, D, C, G, S, colchunk))], \
+                ("fwd_apply_nchw", (N * C // R, ncol), bt, (nchunks, D, C, G, S, colchunk, R))], \
             N * G * nchunks * 3
     TC, TS, spos, nsb, nct = _cl_plan(N, S, C, T, K, K, target)
     tpg = _tiles_per_group(C, G, TC)
