@@ -28,8 +28,8 @@ from numba import njit, prange
 
 from .activation import NONE, derivative, forward
 from .compile import kernel
-from .stats import (chunk_stats, dx_coefs, group_stats, merge, row_sums, rstd_of, set_coefs,
-                    set_dx_coefs)
+from .stats import (chunk_stats, dx_coefs, group_stats, merge, prefetch_rows, row_sums,
+                    rstd_of, set_coefs, set_dx_coefs)
 from .storage import FOLD_LANES as LANES
 from .storage import cast, dx_lanes, load, store
 
@@ -127,6 +127,12 @@ def _group_sums(t, dy3, x3, mean, rstd, w, b, act, one, chunk, dweight_ps, dbias
     g = t - n * G
     r = rstd[n, g]
     m = cast(coef, mean[n, g])
+    if x3.shape[2] < LANES:
+        # rows shorter than one lane block are all masked loads, which stall on cache misses:
+        # the group's rows of dy and x (contiguous in NCHW) are requested first
+        # (``storage.prefetch``; longer rows run on plain loads that the hardware prefetches)
+        prefetch_rows(dy3[n, g * Cg:(g + 1) * Cg])
+        prefetch_rows(x3[n, g * Cg:(g + 1) * Cg])
     for c in range(g * Cg, (g + 1) * Cg):
         s1, s2 = row_sums(dy3[n, c], x3[n, c], m, cast(coef, r * w[c]), cast(coef, b[c]),
                           one, act, chunk)

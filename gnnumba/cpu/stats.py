@@ -17,7 +17,8 @@ from numba import carray, njit
 
 from .activation import NONE, derivative
 from .compile import kernel
-from .storage import FOLD_LANES, add_lane_sums, cast, fold_lanes, load, stack_zeros
+from .storage import (FOLD_LANES, add_lane_sums, cast, fold_lanes, load, prefetch,
+                      stack_zeros)
 
 # Strict IEEE arithmetic everywhere (no fast-math flags): a result then depends only on the
 # source, never on how LLVM chose to vectorise a loop in one compilation. (Separately compiled
@@ -103,6 +104,20 @@ def group_stats(xg, chunk, eps):
         m, q = chunk_stats(xg[lo:lo + chunk])
         cnt, mu, m2 = merge(cnt, mu, m2, min(chunk, xg.shape[0] - lo), m, q)
     return mu, rstd_of(m2, xg.shape[0], eps)
+
+
+@njit(inline="always")
+def prefetch_rows(a2):
+    """Request every cache line of a 2-D C-contiguous block of rows (``storage.prefetch``)
+    before a pass whose short rows are masked loads: from each row's start, one request per
+    64 bytes and one for its last element (rows need not start on a line)."""
+    line = max(1, 64 // a2.itemsize)
+    for r in range(a2.shape[0]):
+        row = a2[r]
+        for i in range(0, row.shape[0], line):
+            prefetch(row, i)
+        if row.shape[0]:
+            prefetch(row, row.shape[0] - 1)
 
 
 @njit(inline="always")

@@ -268,6 +268,33 @@ def _keep(builder, mask, vec):
 
 
 @intrinsic
+def prefetch(typingctx, a, i):
+    """Ask for the cache line that holds element i of a 1-D contiguous array, ahead of its
+    use (``llvm.prefetch``: a read, kept in every cache level). No effect on any value.
+
+    AVX-512 masked loads that miss the cache are slow on this machine's AMD EPYC: a
+    backward at 8x2048x7x7, whose 49-element rows are one masked block each, took 736 us
+    from a cold cache (195 us hot) and 392 us once its group's lines were fetched ahead with
+    plain loads; with the lines requested ahead, the misses overlap."""
+    if not _contiguous_1d(a):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.bitcast(_lanes_ptr(builder, context, sig.args[0], args[0], args[1]),
+                              ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = builder.module.globals.get("llvm.prefetch.p0")
+        if fn is None:
+            fn = ir.Function(builder.module, ir.FunctionType(
+                ir.VoidType(), [ptr.type, i32, i32, i32]), name="llvm.prefetch.p0")
+        # read (0), highest locality (3), data cache (1)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(a, i), codegen
+
+
+@intrinsic
 def add_lane_sums(typingctx, acc1, acc2, dyr, xr, i, m, count):
     """acc1 += dy, acc2 += dy * (x - m), lane j taking element i + j of the 1-D arrays
     ``dyr`` and ``xr`` for j < count (lanes past count add nothing and read nothing). One
