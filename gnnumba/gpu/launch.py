@@ -48,6 +48,10 @@ SIMULATOR = "simulator" in cuda.device_array.__module__
 if SIMULATOR:  # pragma: no cover - depends on the environment
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 else:
+    # numba-cuda's own dependencies: the driver bindings and cuda.core's launcher (the
+    # direct launch below uses them on every call, so they are bound once here)
+    from cuda.bindings import driver as _drv
+    from cuda.core import LaunchConfig, launch as _core_launch
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
 
@@ -82,7 +86,6 @@ class DevArray:
     def __init__(self, obj, name):
         self.obj = obj
         self.name = name
-        self.desc = None
         if SIMULATOR:
             if not isinstance(obj, FakeCUDAArray):
                 raise TypeError(f"{name} must be a CUDA device array (numba.cuda.to_device), "
@@ -106,7 +109,6 @@ class DevArray:
                                 f"{type(obj).__name__}") from None
             except TypeError as e:  # torch before 2.11: no interface typestr for bfloat16
                 raise TypeError(_bf16_message(name, e)) from None
-            self.desc = desc
             self.shape = tuple(desc["shape"])
             self.ptr = desc["data"][0]
             # A Numba device array knows its dtype; the interface's typestr does not say
@@ -142,7 +144,6 @@ class DevArray:
         lo = sum(min(0, (n - 1) * s) for n, s in zip(self.shape, self.strides))
         hi = sum(max(0, (n - 1) * s) for n, s in zip(self.shape, self.strides))
         return Flat(self.ptr + lo * self.dtype.itemsize, hi - lo + 1, self.dtype), -lo
-
 
 
 def _bf16_message(name, err):
@@ -307,10 +308,8 @@ _DEVICES: dict = {}  # device ordinal -> (SM count, compute capability)
 def _device_info():
     """(SM count, compute capability) of the current device, cached per device: asking
     Numba for the current device costs ~4 us per call, the driver for its ordinal ~0.3."""
-    from cuda.bindings import driver as drv
-
-    err, dev = drv.cuCtxGetDevice()
-    key = int(dev) if err == drv.CUresult.CUDA_SUCCESS else None
+    err, dev = _drv.cuCtxGetDevice()
+    key = int(dev) if err == _drv.CUresult.CUDA_SUCCESS else None
     info = _DEVICES.get(key)
     if info is None:
         d = cuda.get_current_device()  # makes a context current where none is
@@ -504,9 +503,7 @@ class _Direct:
     def _function(self):
         """The kernel loaded in the current context (Numba's lookup cost ~5 us; the
         driver's current context ~0.5)."""
-        from cuda.bindings import driver as drv
-
-        ctx = int(drv.cuCtxGetCurrent()[1])
+        ctx = int(_drv.cuCtxGetCurrent()[1])
         f = self.functions.get(ctx)
         if f is None:
             f = self.functions[ctx] = self.compiled._codelibrary.get_cufunc().kernel
@@ -536,8 +533,6 @@ def _configure(kernel, grid, block, stream, args):
             return _ViaNumba(kernel, grid, block, stream)
         packers.append(packer)
         argtypes.append(ty)
-    from cuda.core import LaunchConfig
-
     from numba.cuda.cudadrv.driver import _to_core_stream
 
     compiled = kernel.compile(tuple(argtypes))
@@ -572,11 +567,6 @@ def _packer(a):
         return pack, types.UniTuple(types.int64, len(a))
     return None, None
 
-
-def _core_launch(stream, config, kernel, *params):
-    from cuda.core import launch
-
-    launch(stream, config, kernel, *params)
 
 
 # --------------------------------------------------------------------------- validation
